@@ -1,0 +1,93 @@
+"""The contract every population of actor-critic members fulfils.
+
+The training loop knows only this interface, so another actor-critic variant (SAC, ...)
+is a new subclass registered in ``agents.ALGORITHMS``, not a change to the loop.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+
+class Batch(NamedTuple):
+    """One micro-batch per member, drawn independently from the shared replay.
+
+    Shapes: ``obs``/``next_obs`` ``(P, B, obs_dim)``, ``action`` ``(P, B, act_dim)`` in
+    ``[-1, 1]``, ``reward``/``terminated`` ``(P, B)`` float. Time-limit truncations are
+    not terminal: they bootstrap like any other non-terminal step.
+    """
+
+    obs: Tensor
+    action: Tensor
+    reward: Tensor
+    next_obs: Tensor
+    terminated: Tensor
+
+
+class PopulationAgent(nn.Module, ABC):
+    """``P`` members computed together; every member tensor has a leading ``P`` axis.
+
+    Subclasses keep per-member hyperparameters in ``self.hyperparameters`` (name -> ``(P,)``
+    tensor) and must list every row-owning tensor in :meth:`member_tensors` so evolution and
+    checkpoints can copy and restore members without knowing the algorithm.
+    """
+
+    population: int
+    hyperparameters: dict[str, Tensor]
+
+    @abstractmethod
+    def act(self, obs: Tensor, explore: bool) -> Tensor:
+        """act(obs (P, N, obs_dim), explore) -> actions (P, N, act_dim) in [-1, 1], no graph."""
+        raise NotImplementedError("act(obs (P, N, obs_dim), explore) -> actions (P, N, act_dim)")
+
+    @abstractmethod
+    def update(self, batches: Sequence[Batch]) -> dict[str, list[float]]:
+        """One optimizer step per member accumulating ``len(batches)`` micro-batches.
+
+        Returns metric name -> P Python floats. No tensor of the step survives it.
+        """
+        raise NotImplementedError("update(batches) -> {metric: [P floats]}")
+
+    @abstractmethod
+    def actor_parameters(self) -> list[Tensor]:
+        """The ``(P, ...)`` policy parameters that evolution mutates and crosses over."""
+        raise NotImplementedError("actor_parameters() -> [(P, ...) tensors]")
+
+    @abstractmethod
+    def member_tensors(self) -> dict[str, Tensor]:
+        """Every tensor whose row ``i`` belongs to member ``i``: parameters, targets,
+        optimizer state and hyperparameters. Copying all rows copies the member whole."""
+        raise NotImplementedError("member_tensors() -> {name: (P, ...) tensor}")
+
+    def extra_state(self) -> dict[str, int | float]:
+        """Population-wide counters (JSON-serialisable) that a checkpoint must keep."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, int | float]) -> None:
+        """Restore what :meth:`extra_state` returned."""
+
+    @torch.no_grad()
+    def copy_member(self, dst: int, src: int) -> None:
+        """Overwrite member ``dst`` with member ``src`` in every member tensor."""
+        for tensor in self.member_tensors().values():
+            tensor[dst] = tensor[src]
+
+    @torch.no_grad()
+    def load_member_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Copy saved tensors in place (optimizers keep references to these objects)."""
+        own = self.member_tensors()
+        missing = sorted(set(own) - set(tensors))
+        if missing:
+            raise ValueError(f"checkpoint lacks member tensor {missing[0]!r}")
+        for name, tensor in own.items():
+            if tensors[name].shape != tensor.shape:
+                raise ValueError(
+                    f"member tensor {name!r} has shape {tuple(tensors[name].shape)}, "
+                    f"expected {tuple(tensor.shape)}"
+                )
+            tensor.copy_(tensors[name])

@@ -1,0 +1,391 @@
+"""One tree of dataclasses for the whole trainer, its presets, and how it is built.
+
+A config is built in this order, each layer overriding the one before:
+preset -> YAML file (``--config``) -> ``--set section.key=value`` -> dedicated CLI flags.
+It is validated once (:meth:`Config.validate`) and is read-only by convention after that;
+the resolved config is written beside the run and its :meth:`Config.hash` names what a
+checkpoint means.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad config, unknown environment, ...): shown as one line."""
+
+
+@dataclass
+class EnvConfig:
+    id: str = "Pendulum-v1"
+    """A registered gymnasium id (``Pendulum-v1``) or ``package.module:ClassName``."""
+    envs_per_member: int = 1
+    """Environments each member steps in parallel while collecting."""
+    max_episode_steps: int = 0
+    """Time limit per episode; 0 keeps the environment's own limit."""
+
+
+@dataclass
+class AgentConfig:
+    algorithm: str = "td3"
+    """Actor-critic variant of every member (see ``agents.ALGORITHMS``)."""
+    hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])
+    """Hidden layer widths of actor and critics."""
+    batch_size: int = 256
+    """Transitions per micro-batch, per member."""
+    actor_lr: float = 3e-4
+    """Initial actor learning rate (per member; evolution may perturb it)."""
+    critic_lr: float = 3e-4
+    """Initial critic learning rate (per member; evolution may perturb it)."""
+    gamma: float = 0.99
+    """Initial discount (per member)."""
+    tau: float = 0.005
+    """Initial Polyak factor of the target networks (per member)."""
+    exploration_noise: float = 0.1
+    """Initial std of Gaussian action noise while collecting, in units of the action half-range."""
+    policy_noise: float = 0.2
+    """Target policy smoothing noise std (action half-range units)."""
+    noise_clip: float = 0.5
+    """Clip of the target policy smoothing noise."""
+    policy_delay: int = 2
+    """Actor and target updates happen every this many critic updates."""
+    max_grad_norm: float = 0.0
+    """Per-member gradient norm clip; 0 disables. Never mixes members."""
+
+
+@dataclass
+class ReplayConfig:
+    capacity: int = 1_000_000
+    """Capacity in transitions, shared by all members."""
+
+
+@dataclass
+class TrainConfig:
+    generations: int = 30
+    """Number of generations to run."""
+    steps_per_generation: int = 200
+    """Exploration env steps per member environment per generation (noisy actions)."""
+    updates_per_generation: int = 32
+    """Optimizer steps per member per generation."""
+    accumulation_steps: int = 6
+    """Micro-batches accumulated into each optimizer step."""
+    warmup_steps: int = 1_000
+    """Transitions in replay before the first update; until then actions are uniform random."""
+    eval_episodes: int = 1
+    """Evaluation episodes per member per generation (no exploration noise); fitness is their mean return."""
+    eval_to_replay: bool = True
+    """Add evaluation transitions to the replay buffer (they are real env steps)."""
+
+
+@dataclass
+class EvolutionConfig:
+    elites: int = 2
+    """Best members copied unchanged into the next generation."""
+    tournament_size: int = 3
+    """Members drawn per tournament when selecting a parent."""
+    replace_fraction: float = 0.25
+    """Fraction of the population (worst first, never elites) replaced each generation."""
+    mutation_scale: float = 0.01
+    """Std of Gaussian noise added to a child's actor weights, relative to each tensor's std."""
+    mutation_fraction: float = 0.1
+    """Fraction of actor weights a mutation touches."""
+    adaptive_mutation: bool = False
+    """1/5th success rule: grow the scale when children beat their parents often, shrink otherwise."""
+    crossover_prob: float = 0.0
+    """Probability a child's actor is a uniform per-neuron crossover of two parents."""
+    perturb_prob: float = 0.8
+    """Probability a child's hyperparameters are perturbed (else resampled within bounds)."""
+    perturb_factors: list[float] = field(default_factory=lambda: [0.8, 1.25])
+    """Factors a perturbation multiplies a hyperparameter by (one chosen at random)."""
+    actor_lr_bounds: list[float] = field(default_factory=lambda: [1e-5, 3e-3])
+    critic_lr_bounds: list[float] = field(default_factory=lambda: [1e-5, 3e-3])
+    gamma_bounds: list[float] = field(default_factory=lambda: [0.95, 0.999])
+    tau_bounds: list[float] = field(default_factory=lambda: [0.001, 0.05])
+    exploration_noise_bounds: list[float] = field(default_factory=lambda: [0.02, 0.5])
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    """Seeds python, numpy, torch and the environments."""
+    device: str = "auto"
+    """``auto`` (cuda when available), ``cpu`` or ``cuda``/``cuda:N``."""
+    run_dir: str = "runs"
+    """Folder that holds runs: logs, TensorBoard and checkpoints."""
+    name: str = ""
+    """Run name; empty makes one from env, preset and time."""
+    keep_checkpoints: int = 3
+    """Local generations kept (the newest is never deleted)."""
+    save_replay: bool = True
+    """Include the replay buffer in checkpoints (needed for exact resume)."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars."""
+    progress: bool = True
+    """Show a progress bar during a generation (only on a terminal)."""
+
+
+@dataclass
+class Config:
+    env: EnvConfig = field(default_factory=EnvConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    population: int = 16
+    """Number of members."""
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Stable hash of what a checkpoint means (everything but the ``run`` section)."""
+        meaning = {k: v for k, v in self.to_dict().items() if k != "run"}
+        blob = json.dumps(meaning, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def validate(self) -> Config:
+        """Check ranges and relations; raise UserError naming the key. Returns self."""
+        _check(self.population >= 1, "population must be >= 1")
+        e, a, t, v = self.env, self.agent, self.train, self.evolution
+        _check(e.envs_per_member >= 1, "env.envs_per_member must be >= 1")
+        _check(e.max_episode_steps >= 0, "env.max_episode_steps must be >= 0")
+        _check(bool(a.hidden_sizes) and min(a.hidden_sizes) >= 1, "agent.hidden_sizes must be positive")
+        _check(a.batch_size >= 1, "agent.batch_size must be >= 1")
+        for name in ("actor_lr", "critic_lr", "tau"):
+            _check(getattr(a, name) > 0, f"agent.{name} must be > 0")
+        _check(0 < a.gamma <= 1, "agent.gamma must be in (0, 1]")
+        _check(a.tau <= 1, "agent.tau must be <= 1")
+        for name in ("exploration_noise", "policy_noise", "noise_clip", "max_grad_norm"):
+            _check(getattr(a, name) >= 0, f"agent.{name} must be >= 0")
+        _check(a.policy_delay >= 1, "agent.policy_delay must be >= 1")
+        _check(self.replay.capacity >= a.batch_size, "replay.capacity must be >= agent.batch_size")
+        _check(t.generations >= 1, "train.generations must be >= 1")
+        for name in ("steps_per_generation", "updates_per_generation", "warmup_steps"):
+            _check(getattr(t, name) >= 0, f"train.{name} must be >= 0")
+        _check(t.accumulation_steps >= 1, "train.accumulation_steps must be >= 1")
+        _check(t.eval_episodes >= 1, "train.eval_episodes must be >= 1")
+        _check(v.elites >= 0, "evolution.elites must be >= 0")
+        _check(
+            v.elites < self.population or self.population == 1,
+            f"population ({self.population}) must be larger than evolution.elites ({v.elites})",
+        )
+        _check(v.tournament_size >= 1, "evolution.tournament_size must be >= 1")
+        _check(0 <= v.replace_fraction <= 1, "evolution.replace_fraction must be in [0, 1]")
+        _check(v.mutation_scale >= 0, "evolution.mutation_scale must be >= 0")
+        for name in ("mutation_fraction", "crossover_prob", "perturb_prob"):
+            _check(0 <= getattr(v, name) <= 1, f"evolution.{name} must be in [0, 1]")
+        _check(
+            len(v.perturb_factors) >= 1 and min(v.perturb_factors) > 0,
+            "evolution.perturb_factors must be positive",
+        )
+        for hp in HYPERPARAMETERS:
+            bounds = getattr(v, f"{hp}_bounds")
+            _check(
+                len(bounds) == 2 and 0 < bounds[0] <= bounds[1],
+                f"evolution.{hp}_bounds must be [low, high] with 0 < low <= high",
+            )
+            _check(
+                bounds[0] <= getattr(a, hp) <= bounds[1],
+                f"agent.{hp}={getattr(a, hp)} is outside evolution.{hp}_bounds={bounds}",
+            )
+        _check(self.run.device == "auto" or self.run.device.split(":")[0] in ("cpu", "cuda"),
+               f"run.device must be auto, cpu or cuda[:N], got {self.run.device!r}")
+        _check(self.run.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
+        return self
+
+
+HYPERPARAMETERS = ("actor_lr", "critic_lr", "gamma", "tau", "exploration_noise")
+"""Per-member hyperparameters that evolution perturbs within ``evolution.<name>_bounds``."""
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config trees."""
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+# ---------------------------------------------------------------- presets
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "debug": {
+        "population": 4,
+        "agent": {"hidden_sizes": [32, 32], "batch_size": 32},
+        "replay": {"capacity": 5_000},
+        "train": {
+            "generations": 3,
+            "steps_per_generation": 50,
+            "updates_per_generation": 8,
+            "accumulation_steps": 2,
+            "warmup_steps": 100,
+        },
+        "env": {"max_episode_steps": 50},
+        "evolution": {"elites": 1},
+    },
+    "pendulum": {
+        "env": {"id": "Pendulum-v1"},
+        "agent": {"hidden_sizes": [64, 64], "batch_size": 128, "actor_lr": 1e-3, "critic_lr": 1e-3},
+        "replay": {"capacity": 100_000},
+        "train": {
+            "generations": 20,
+            "steps_per_generation": 0,
+            "updates_per_generation": 200,
+            "accumulation_steps": 2,
+            "warmup_steps": 3_200,
+        },
+    },
+    "halfcheetah": {
+        "env": {"id": "HalfCheetah-v5"},
+        "replay": {"capacity": 1_000_000},
+        "train": {
+            "generations": 500,
+            "steps_per_generation": 1000,
+            "updates_per_generation": 32,
+            "accumulation_steps": 6,
+            "warmup_steps": 25_000,
+        },
+    },
+}
+DEFAULT_PRESET = "pendulum"
+
+
+# ---------------------------------------------------------------- building
+
+
+def build_config(
+    preset: str = DEFAULT_PRESET,
+    config_file: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    extra: dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None,
+) -> Config:
+    """Preset (or ``base``, a saved config tree) -> YAML file -> ``key=value`` overrides ->
+    ``extra`` (dotted keys), validated."""
+    if base is not None:
+        tree = from_dict(base).to_dict()
+    elif preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    else:
+        tree = Config().to_dict()
+        _merge(tree, PRESETS[preset], "")
+    if config_file is not None:
+        _merge(tree, _read_yaml(Path(config_file)), "")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set expects section.key=value, got {item!r}")
+        _set_dotted(tree, key.strip(), _parse_value(text))
+    for key, value in (extra or {}).items():
+        _set_dotted(tree, key, value)
+    return from_dict(tree).validate()
+
+
+def from_dict(tree: dict[str, Any]) -> Config:
+    """Build a Config from a plain dict, checking every key and type (not ranges)."""
+    return typing.cast(Config, _build(Config, tree, ""))
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise UserError(f"{prefix.rstrip('.') or 'config'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UserError(f"unknown config key {prefix}{unknown[0]}; known: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(typing.cast(type, hint), value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[]") for v in value]
+    if origin in (typing.Union, types.UnionType):
+        raise UserError(f"{key}: union types are not supported in config")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise UserError(f"{key} must be of type {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _merge(tree: dict[str, Any], update: dict[str, Any], prefix: str) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            _merge(tree[key], value, f"{prefix}{key}.")
+        else:
+            if key not in tree:
+                raise UserError(f"unknown config key {prefix}{key}")
+            tree[key] = value
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    *path, leaf = key.split(".")
+    node = tree
+    for i, part in enumerate(path):
+        if not isinstance(node.get(part), dict):
+            raise UserError(f"unknown config section {'.'.join(path[: i + 1])} in {key!r}")
+        node = node[part]
+    if leaf not in node:
+        raise UserError(f"unknown config key {key!r}")
+    node[leaf] = value
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise UserError(f"cannot read config file {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of sections")
+    return data

@@ -1,0 +1,131 @@
+"""Command line: train a population (the default), resume a run, or list stored runs.
+
+    python main.py                         # the default preset (pendulum), local storage
+    python main.py --preset debug          # a few seconds
+    python main.py --resume                # continue the latest run in --run-dir
+    python main.py status                  # runs and generations stored in --run-dir
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Any
+
+import click
+
+from config import DEFAULT_PRESET, PRESETS, UserError, build_config
+
+
+def _one_line_warning(message: Any, category: type[Warning], *_: Any, **__: Any) -> str:
+    return f"warning: {message}\n"
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--preset", default=None, metavar="NAME",
+              help=f"Named config overlay: {', '.join(PRESETS)} (default: {DEFAULT_PRESET}).")
+@click.option("--config", "config_file", default=None, metavar="FILE.yaml",
+              help="YAML file of config sections, applied on top of the preset.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override one config key, e.g. --set agent.actor_lr=1e-3 (repeatable).")
+@click.option("--env", "env_id", default=None, metavar="ID",
+              help="Gymnasium id (Pendulum-v1) or package.module:ClassName of your own env.")
+@click.option("--population", type=int, default=None, metavar="N", help="Number of members.")
+@click.option("--generations", type=int, default=None, metavar="N", help="Generations to run (in total).")
+@click.option("--seed", type=int, default=None, help="Seed for everything (same seed, same run on CPU).")
+@click.option("--device", default=None, metavar="auto|cpu|cuda", help="Where the networks run.")
+@click.option("--run-dir", default=None, metavar="PATH",
+              help="Folder of runs: logs, TensorBoard and checkpoints (default: runs).")
+@click.option("--name", default=None, help="Run name (default: env, seed and time).")
+@click.option("--resume", is_flag=True,
+              help="Continue the latest run in --run-dir (or --name) from its newest checkpoint.")
+@click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")
+@click.pass_context
+def cli(ctx: click.Context, preset: str | None, config_file: str | None, overrides: tuple[str, ...],
+        env_id: str | None, population: int | None, generations: int | None, seed: int | None,
+        device: str | None, run_dir: str | None, name: str | None, resume: bool, print_config: bool) -> None:
+    """Evolve a population of actor-critic agents that learn from one shared replay buffer.
+
+    Every generation ends with a checkpoint in the run folder; --resume continues from it.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    warnings.formatwarning = _one_line_warning  # type: ignore[assignment]
+    extra = {key: value for key, value in {
+        "env.id": env_id, "population": population, "train.generations": generations, "run.seed": seed,
+        "run.device": device, "run.run_dir": run_dir, "run.name": name,
+    }.items() if value is not None}
+    with _user_errors():
+        from training import runs
+
+        if resume:
+            if preset is not None:
+                raise UserError("--preset cannot be combined with --resume: a resumed run keeps its config")
+            trainer = runs.resume(run_dir or "runs", name or "",
+                                  {"config_file": config_file, "overrides": overrides, "extra": extra})
+        else:
+            cfg = build_config(preset or DEFAULT_PRESET, config_file, overrides, extra)
+            if print_config:
+                import yaml
+
+                click.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False), nl=False)
+                return
+            trainer = runs.start(cfg)
+        try:
+            record = trainer.train()
+        finally:
+            trainer.close()
+        click.echo(_summary(trainer, record))
+
+
+@cli.command()
+@click.option("--run-dir", default="runs", metavar="PATH", help="Folder of runs (default: runs).")
+def status(run_dir: str) -> None:
+    """List the runs in --run-dir and their checkpointed generations."""
+    with _user_errors():
+        from training.runs import list_runs
+
+        found = list_runs(run_dir)
+        if not found:
+            click.echo(f"no runs in {run_dir}")
+        for name, generations in found:
+            shown = f"generations {generations[-1] + 1}..{generations[0] + 1}" if generations else "no checkpoint"
+            click.echo(f"{name}  {shown}")
+
+
+def _summary(trainer: Any, record: dict[str, Any]) -> str:
+    c = trainer.counters
+    if not record:
+        return f"nothing to do: run {trainer.run_name!r} already finished {c.generation} generations"
+    return (
+        f"done: {c.generation} generations, {c.env_steps:,} env steps, {c.updates:,} optimizer steps "
+        f"in {c.elapsed_s / 60:.1f} min; best fitness {max(c.best_fitness):.1f} "
+        f"(last generation {record['fitness_best']:.1f})\n"
+        f"run folder: {trainer.log.path.parent}  "
+        f"(continue with: python main.py --resume --name {trainer.run_name} --generations {c.generation * 2})"
+    )
+
+
+class _user_errors:
+    """Turn user mistakes into one line on stderr and exit code 2; Ctrl-C into exit 130."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: Any) -> bool:
+        from cloud.checkpoint import CheckpointError
+        from cloud.storage import StorageError
+        from training.trainer import TrainingDiverged
+
+        if isinstance(err, (UserError, StorageError, CheckpointError, TrainingDiverged)):
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+        if isinstance(err, KeyboardInterrupt):
+            click.echo("\ninterrupted: the last finished generation is checkpointed; "
+                       "continue with: python main.py --resume", err=True)
+            sys.exit(130)
+        return False
+
+
+if __name__ == "__main__":
+    cli()

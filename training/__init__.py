@@ -1,0 +1,1 @@
+"""The run: replay, rollouts, evolution, the generation loop, telemetry and reporting."""

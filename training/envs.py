@@ -1,0 +1,114 @@
+"""Environments: building them from a user's id, checking spaces, and stepping many in lockstep."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.wrappers import TimeLimit
+
+from config import EnvConfig, UserError
+
+SUPPORTED = "flat Box observations (1-D vectors) and Box actions with finite bounds"
+
+
+def make_env(cfg: EnvConfig) -> gym.Env:
+    """Build one environment from a registered id or ``package.module:ClassName``."""
+    env = _instantiate(cfg.id)
+    if cfg.max_episode_steps > 0:
+        env = TimeLimit(env, max_episode_steps=cfg.max_episode_steps)
+    check_spaces(env, cfg.id)
+    return env
+
+
+def _instantiate(env_id: str) -> gym.Env:
+    if ":" in env_id and not env_id.startswith(":"):
+        module_name, _, class_name = env_id.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise UserError(f"cannot import module {module_name!r} for env {env_id!r}: {err}") from None
+        cls = getattr(module, class_name, None)
+        if cls is None:
+            raise UserError(f"module {module_name!r} has no class {class_name!r} (env {env_id!r})")
+        env = cls()
+        if not isinstance(env, gym.Env):
+            raise UserError(f"{env_id!r} is not a gymnasium.Env subclass")
+        return env
+    try:
+        return gym.make(env_id)
+    except gym.error.DependencyNotInstalled as err:
+        raise UserError(
+            f"env {env_id!r} needs an extra dependency ({str(err).splitlines()[0]}); "
+            "for MuJoCo tasks: pip install '.[mujoco]'"
+        ) from None
+    except gym.error.Error as err:
+        raise UserError(f"unknown environment {env_id!r}: {str(err).splitlines()[0]}") from None
+
+
+def check_spaces(env: gym.Env, env_id: str) -> None:
+    """Raise UserError unless the spaces are ones this trainer supports."""
+    obs, act = env.observation_space, env.action_space
+    if not (isinstance(obs, gym.spaces.Box) and len(obs.shape) == 1):
+        raise UserError(f"env {env_id!r} has observation space {obs}; supported: {SUPPORTED}")
+    if not (isinstance(act, gym.spaces.Box) and len(act.shape) == 1):
+        raise UserError(f"env {env_id!r} has action space {act}; supported: {SUPPORTED}")
+    if not (np.all(np.isfinite(act.low)) and np.all(np.isfinite(act.high))):
+        raise UserError(f"env {env_id!r} has unbounded actions {act}; supported: {SUPPORTED}")
+
+
+class EnvPool:
+    """``E`` environments stepped in lockstep, auto-resetting finished episodes.
+
+    Actions come in normalised to ``[-1, 1]`` and are rescaled to each env's bounds.
+    Stream ``e`` belongs to member ``e // envs_per_member``.
+    """
+
+    def __init__(self, make: Callable[[], gym.Env], count: int) -> None:
+        self.envs = [make() for _ in range(count)]
+        space = self.envs[0].action_space
+        assert isinstance(space, gym.spaces.Box)
+        self.low = space.low.astype(np.float32)
+        self.high = space.high.astype(np.float32)
+        self.obs_dim = int(np.prod(self.envs[0].observation_space.shape))
+        self.act_dim = int(np.prod(space.shape))
+        self.obs = np.zeros((count, self.obs_dim), np.float32)
+
+    def __len__(self) -> int:
+        return len(self.envs)
+
+    def reset(self, seeds: np.ndarray) -> np.ndarray:
+        """Reset every env with its own seed; returns observations ``(E, obs_dim)``."""
+        for e, env in enumerate(self.envs):
+            obs, _ = env.reset(seed=int(seeds[e]))
+            self.obs[e] = obs
+        return self.obs.copy()
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Step all envs with normalised actions ``(E, act_dim)``.
+
+        Returns ``(next_obs, reward, terminated, truncated)``, each with leading ``E``;
+        ``next_obs`` is the true successor (before any auto-reset). ``self.obs`` then holds
+        the observations to act on next.
+        """
+        count = len(self.envs)
+        next_obs = np.zeros((count, self.obs_dim), np.float32)
+        reward = np.zeros(count, np.float32)
+        terminated = np.zeros(count, np.bool_)
+        truncated = np.zeros(count, np.bool_)
+        scaled = self.low + (actions + 1.0) * 0.5 * (self.high - self.low)
+        for e, env in enumerate(self.envs):
+            obs, r, term, trunc, _ = env.step(scaled[e])
+            next_obs[e], reward[e], terminated[e], truncated[e] = obs, r, term, trunc
+            if term or trunc:
+                obs, _ = env.reset()
+            self.obs[e] = obs
+        if not np.all(np.isfinite(next_obs)) or not np.all(np.isfinite(reward)):
+            raise FloatingPointError("environment returned a non-finite observation or reward")
+        return next_obs, reward, terminated, truncated
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()

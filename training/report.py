@@ -1,0 +1,114 @@
+"""What a person and a machine read while the run goes on: a progress bar, a status block
+after each generation, a JSONL log and TensorBoard scalars."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+
+class ProgressBar:
+    """A one-line bar on a terminal, redrawn at most ten times a second; silent elsewhere."""
+
+    def __init__(self, total: int, label: str, enabled: bool, stream: TextIO = sys.stderr) -> None:
+        self.total = max(total, 1)
+        self.label = label
+        self.stream = stream
+        self.enabled = enabled and stream.isatty()
+        self.done = 0
+        self.started = time.perf_counter()
+        self.drawn = 0.0
+
+    def advance(self, amount: int = 1, phase: str = "") -> None:
+        self.done += amount
+        now = time.perf_counter()
+        if self.enabled and (now - self.drawn > 0.1 or self.done >= self.total):
+            self.drawn = now
+            frac = min(self.done / self.total, 1.0)
+            bar = "#" * int(frac * 30)
+            self.stream.write(f"\r{self.label} [{bar:<30}] {frac:4.0%} {phase:<10} {now - self.started:6.1f}s")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\r" + " " * 80 + "\r")
+            self.stream.flush()
+
+
+def status_block(record: dict[str, Any]) -> str:
+    """The compact System Status block printed after each generation."""
+    r = record
+    lines = [
+        f"== System Status == generation {r['generation'] + 1}/{r['generations']}  ({r['env_id']}, P={r['population']})",
+        f"  env steps     {r['env_steps_total']:>12,}  ({r['env_steps_per_s']:,.0f}/s this generation)",
+        f"  updates       {r['updates_total']:>12,}  ({r['updates_per_s']:,.1f} optimizer steps/s)",
+        f"  replay        {r['replay_size']:>12,} / {r['replay_capacity']:,}",
+        f"  time          {r['generation_s']:>11.1f}s  (average {r['generation_avg_s']:.1f}s, total {r['elapsed_s'] / 60:.1f} min)",
+        f"  fitness       best {r['fitness_best']:.1f}  median {r['fitness_median']:.1f}  worst {r['fitness_worst']:.1f}",
+        f"  elite         slot {r['elite_slot']}  lineage {r['elite_lineage']}",
+        f"  memory        RSS {r['rss_mb']:,.0f} MB",
+    ]
+    if "cuda_allocated_mb" in r:
+        lines.append(
+            f"  cuda          allocated {r['cuda_allocated_mb']:,.0f} MB  reserved {r['cuda_reserved_mb']:,.0f} MB  "
+            f"peak {r['cuda_peak_mb']:,.0f} MB  driver used {r['cuda_driver_used_mb']:,.0f} MB"
+        )
+    return "\n".join(lines)
+
+
+class MetricsLog:
+    """Per-generation records to ``metrics.jsonl`` and scalars to TensorBoard (``tb/``)."""
+
+    def __init__(self, run_path: Path, tensorboard: bool) -> None:
+        self.path = run_path / "metrics.jsonl"
+        self.lineage_path = run_path / "lineage.jsonl"
+        self.writer: Any = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                warnings.warn("tensorboard is not installed; TensorBoard scalars are off", stacklevel=2)
+            else:
+                self.writer = SummaryWriter(str(run_path / "tb"))
+
+    def write(self, record: dict[str, Any], members: dict[str, list[float]]) -> None:
+        """Append one generation: ``record`` of scalars, ``members`` metric -> P floats."""
+        with self.path.open("a") as f:
+            f.write(json.dumps({**record, "members": members}) + "\n")
+        if self.writer is None:
+            return
+        step = record["env_steps_total"]
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"run/{key}", value, step)
+        for name, values in members.items():
+            finite = [v for v in values if np.isfinite(v)]
+            if finite:
+                self.writer.add_scalar(f"population/{name}_max", max(finite), step)
+                self.writer.add_scalar(f"population/{name}_median", float(np.median(finite)), step)
+            for i, v in enumerate(values):
+                self.writer.add_scalar(f"member_{i:02d}/{name}", v, step)
+        self.writer.flush()
+
+    def write_events(self, events: list[dict[str, Any]]) -> None:
+        """Append evolution's lineage records (who replaced whom, with what)."""
+        with self.lineage_path.open("a") as f:
+            f.writelines(json.dumps(event) + "\n" for event in events)
+
+    def truncate_after(self, generation: int) -> None:
+        """Drop records past ``generation`` (a resume runs the generations after it again)."""
+        for path in (self.path, self.lineage_path):
+            if path.exists():
+                kept = [line for line in path.read_text().splitlines()
+                        if line.strip() and json.loads(line)["generation"] <= generation]
+                path.write_text("".join(line + "\n" for line in kept))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

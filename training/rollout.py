@@ -1,0 +1,94 @@
+"""Batched rollouts: every member acts in its own environments with one forward, no graph."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from agents import PopulationAgent
+from training.envs import EnvPool
+from training.replay import ReplayBuffer, Transitions
+
+
+@dataclass
+class RolloutResult:
+    env_steps: int
+    """Environment steps taken, all streams together."""
+    episode_returns: list[list[float]]
+    """Per stream, the returns of the episodes completed in this rollout, in order."""
+
+    def member_fitness(self, members: int, episodes: int) -> np.ndarray:
+        """Mean of each member's first ``episodes`` returns per stream, shape ``(members,)``."""
+        per_member = len(self.episode_returns) // members
+        fitness = np.zeros(members)
+        for m in range(members):
+            streams = self.episode_returns[m * per_member : (m + 1) * per_member]
+            fitness[m] = np.mean([r for s in streams for r in s[:episodes]])
+        return fitness
+
+
+def rollout(
+    agent: PopulationAgent,
+    pool: EnvPool,
+    replay: ReplayBuffer | None,
+    seeds: np.ndarray,
+    *,
+    explore: bool,
+    steps: int = 0,
+    episodes_per_stream: int = 0,
+    random_actions: bool = False,
+    on_step: Callable[[int], None] | None = None,
+) -> RolloutResult:
+    """Reset every stream with its seed, then step all streams together.
+
+    Stops after ``steps`` steps, or once every stream completed ``episodes_per_stream``
+    episodes (streams that finish early keep playing; their data is not wasted).
+    Each step's transitions, ``E = P * envs_per_member`` of them, go to ``replay``; a stream
+    cut by the end of the rollout is marked truncated (it bootstraps, it is not terminal).
+    """
+    if (steps > 0) == (episodes_per_stream > 0):
+        raise ValueError("rollout needs exactly one of steps or episodes_per_stream")
+    count = len(pool)
+    members = agent.population
+    obs = pool.reset(seeds)
+    is_first = np.ones(count, np.bool_)
+    running = np.zeros(count, np.float64)
+    returns: list[list[float]] = [[] for _ in range(count)]
+    taken = 0
+    done = False
+    while not done:
+        if random_actions:
+            action = (torch.rand(count, pool.act_dim) * 2 - 1).numpy()
+        else:
+            action = _act(agent, obs, members, explore)
+        next_obs, reward, terminated, truncated = pool.step(action)
+        taken += 1
+        running += reward
+        ended = terminated | truncated
+        for e in np.flatnonzero(ended):
+            returns[e].append(float(running[e]))
+            running[e] = 0.0
+        if steps > 0:
+            done = taken >= steps
+        else:
+            done = all(len(r) >= episodes_per_stream for r in returns)
+        cut = ~ended if done else np.zeros(count, np.bool_)
+        if replay is not None:
+            replay.add(Transitions(obs, action, reward, next_obs, terminated, truncated | cut, is_first))
+        is_first = ended
+        obs = pool.obs.copy()
+        if on_step is not None:
+            on_step(count)
+    return RolloutResult(env_steps=taken * count, episode_returns=returns)
+
+
+def _act(agent: PopulationAgent, obs: np.ndarray, members: int, explore: bool) -> np.ndarray:
+    """``obs (E, obs_dim)`` -> actions ``(E, act_dim)``; stream ``e`` is member ``e // (E / P)``."""
+    device = next(agent.parameters()).device
+    with torch.no_grad():
+        batch = torch.as_tensor(obs, device=device).view(members, -1, obs.shape[-1])
+        action = agent.act(batch, explore)
+    return action.reshape(obs.shape[0], -1).cpu().numpy().astype(np.float32)

@@ -1,0 +1,110 @@
+"""Starting and resuming runs: the run folder, its config, storage checks, the device."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cloud import checkpoint as ckpt
+from cloud.storage import Storage, check_writable, open_storage
+from config import Config, UserError, build_config, changed_keys
+from training.report import MetricsLog
+from training.trainer import Trainer
+
+RUN_FILE = "run.json"
+VERSION = 1
+RESUME_MAY_CHANGE = ("train.generations", "run.device", "run.progress", "run.tensorboard",
+                     "run.keep_checkpoints", "run.run_dir", "run.name")
+"""Keys a resumed run may change without changing what its checkpoint means."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return torch.device(name)
+
+
+def new_run_name(cfg: Config) -> str:
+    env = re.sub(r"[^A-Za-z0-9]+", "-", cfg.env.id).strip("-").lower()
+    return f"{env}-s{cfg.run.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def list_runs(run_dir: str) -> list[tuple[str, list[int]]]:
+    """Runs under ``run_dir`` with their checkpointed generations (newest first), oldest run first."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        return []
+    storage = open_storage(run_dir)
+    runs = sorted((p for p in root.iterdir() if (p / RUN_FILE).is_file()), key=lambda p: (p / RUN_FILE).stat().st_mtime)
+    return [(p.name, ckpt.generations(storage, p.name)) for p in runs]
+
+
+def start(cfg: Config) -> Trainer:
+    """Create a new run folder (refusing to overwrite one) and a trainer for it."""
+    name = cfg.run.name or new_run_name(cfg)
+    storage = _open_checked(cfg.run.run_dir, name)
+    if storage.exists(f"{name}/{RUN_FILE}"):
+        raise UserError(f"run {name!r} already exists in {cfg.run.run_dir}; use --resume or another --name")
+    trainer = _build(cfg, name, storage)
+    record = {"version": VERSION, "config_hash": cfg.hash(), "config": cfg.to_dict()}
+    storage.write(f"{name}/{RUN_FILE}", json.dumps(record, indent=1).encode())
+    return trainer
+
+
+def resume(run_dir: str, name: str, overrides: dict[str, Any]) -> Trainer:
+    """Rebuild the run's saved config (plus allowed ``overrides``), load its newest verified
+    generation and return a trainer positioned right after it."""
+    if not name:
+        runs = [run for run, generations in list_runs(run_dir) if generations]
+        if not runs:
+            raise UserError(f"nothing to resume in {run_dir}: no run with a checkpoint")
+        name = runs[-1]
+    storage = _open_checked(run_dir, name)
+    if not storage.exists(f"{name}/{RUN_FILE}"):
+        raise UserError(f"nothing to resume: no run {name!r} in {run_dir}")
+    saved = json.loads(storage.read(f"{name}/{RUN_FILE}"))
+    if saved.get("version") != VERSION:
+        raise UserError(f"run {name!r} was written by an incompatible version ({saved.get('version')})")
+    cfg = build_config(base=saved["config"], **overrides)
+    changed = [k for k in changed_keys(saved["config"], cfg.to_dict()) if k not in RESUME_MAY_CHANGE]
+    if changed:
+        raise UserError(f"cannot resume run {name!r} with a changed config: {', '.join(changed)} "
+                        f"(a resume may change only {', '.join(RESUME_MAY_CHANGE)})")
+    generation, state, rejected = ckpt.load_latest(storage, name)
+    for line in rejected:
+        print(f"warning: {line}")
+    if state.meta.get("config_hash") != saved["config_hash"]:
+        raise UserError(f"checkpoint generation {generation} of run {name!r} belongs to another config")
+    trainer = _build(cfg, name, storage)
+    trainer.restore(state)
+    trainer.log.truncate_after(generation)
+    print(f"resuming run {name!r} after generation {generation + 1} "
+          f"({trainer.counters.env_steps:,} env steps so far)")
+    return trainer
+
+
+def _open_checked(run_dir: str, name: str) -> Storage:
+    storage = open_storage(run_dir)
+    check_writable(storage, name)
+    return storage
+
+
+def _build(cfg: Config, name: str, storage: Storage) -> Trainer:
+    run_path = Path(cfg.run.run_dir) / name
+    device = resolve_device(cfg.run.device)
+    log = MetricsLog(run_path, cfg.run.tensorboard)
+    (run_path / "config.yaml").write_text(_yaml(cfg))
+    return Trainer(cfg, name, storage, log, device)
+
+
+def _yaml(cfg: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

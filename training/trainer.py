@@ -1,0 +1,243 @@
+"""The generation loop, and the one place where the whole run's state is saved and restored."""
+
+from __future__ import annotations
+
+import gc
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from agents import Batch, make_population
+from cloud import checkpoint as ckpt
+from cloud.storage import Storage
+from config import Config, UserError
+from training.envs import EnvPool, make_env
+from training.evolution import Evolution
+from training.replay import ReplayBuffer
+from training.report import MetricsLog, ProgressBar, status_block
+from training.rollout import rollout
+from training.telemetry import memory_snapshot
+
+PHASE_EXPLORE, PHASE_EVALUATE = 0, 1
+
+
+class TrainingDiverged(Exception):
+    """Every member's losses became non-finite."""
+
+
+@dataclass
+class Counters:
+    generation: int = 0
+    """The next generation to run."""
+    env_steps: int = 0
+    updates: int = 0
+    elapsed_s: float = 0.0
+    best_fitness: list[float] = field(default_factory=list)
+    """Best fitness per finished generation."""
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run: str, storage: Storage, log: MetricsLog, device: torch.device) -> None:
+        self.cfg = cfg
+        self.run_name = run
+        self.storage = storage
+        self.log = log
+        self.device = device
+        seed = cfg.run.seed
+        random.seed(seed)
+        torch.manual_seed(seed)
+        probe = make_env(cfg.env)
+        probe.close()
+        self.population = cfg.population
+        self.pool = EnvPool(lambda: make_env(cfg.env), cfg.population * cfg.env.envs_per_member)
+        self.agent = make_population(cfg.population, self.pool.obs_dim, self.pool.act_dim, cfg.agent, device)
+        self.replay = ReplayBuffer(cfg.replay.capacity, len(self.pool), self.pool.obs_dim, self.pool.act_dim,
+                                   seed=seed + 1)
+        self.evolution = Evolution(cfg.evolution, cfg.population, seed=seed + 2)
+        self.counters = Counters()
+
+    # ------------------------------------------------------------ the algorithm
+
+    def train(self) -> dict[str, Any]:
+        """Run generations until ``train.generations``; returns the last generation's record."""
+        record: dict[str, Any] = {}
+        for generation in range(self.counters.generation, self.cfg.train.generations):
+            record = self.run_generation(generation)
+        return record
+
+    def run_generation(self, generation: int) -> dict[str, Any]:
+        started = time.perf_counter()
+        steps_before, updates_before = self.counters.env_steps, self.counters.updates
+        bar = ProgressBar(self._planned_work(), f"gen {generation + 1}/{self.cfg.train.generations}",
+                          self.cfg.run.progress)
+
+        self.explore(generation, bar)                    # noisy actions -> replay, no graph
+        stats = self.learn(bar)                          # K-micro-batch optimizer steps, floats only
+        fitness = self.evaluate(generation, bar)         # noise-free episodes -> fitness (and replay)
+        fitness[~np.isfinite(fitness) | stats.pop("diverged")] = -np.inf
+        elite = int(np.argmax(fitness))
+        elite_lineage = self.evolution.lineage(elite)
+        events = self.evolution.evolve(self.agent, fitness, generation)   # elites, selection, mutation
+        bar.close()
+
+        elapsed = time.perf_counter() - started
+        self.counters.generation = generation + 1
+        self.counters.elapsed_s += elapsed
+        self.counters.best_fitness.append(float(fitness[elite]))
+        record = self._record(generation, fitness, elite, elite_lineage, elapsed,
+                              self.counters.env_steps - steps_before, self.counters.updates - updates_before)
+        self.log.write(record, {"fitness": fitness.tolist(), **stats, **self._hyperparameters()})
+        self.log.write_events(events)
+        print(status_block(record), flush=True)
+        self.save_checkpoint()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return record
+
+    def explore(self, generation: int, bar: ProgressBar) -> None:
+        steps = self.cfg.train.steps_per_generation
+        if steps == 0:
+            return
+        warming_up = len(self.replay) < self.cfg.train.warmup_steps
+        result = rollout(self.agent, self.pool, self.replay, self._seeds(generation, PHASE_EXPLORE),
+                         explore=True, steps=steps, random_actions=warming_up,
+                         on_step=lambda _: bar.advance(1, "explore"))
+        self.counters.env_steps += result.env_steps
+
+    def learn(self, bar: ProgressBar) -> dict[str, Any]:
+        """``updates_per_generation`` optimizer steps; returns per-member means of each metric
+        (lists of P floats) and a ``diverged`` mask ``(P,)`` of members with non-finite losses."""
+        t = self.cfg.train
+        sums: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(self.population))
+        counts: dict[str, int] = defaultdict(int)
+        if len(self.replay) >= max(t.warmup_steps, self.cfg.agent.batch_size):
+            for _ in range(t.updates_per_generation):
+                batches = [self._sample() for _ in range(t.accumulation_steps)]
+                for name, values in self.agent.update(batches).items():
+                    sums[name] += values
+                    counts[name] += 1
+                self.counters.updates += 1
+                bar.advance(1, "learn")
+        stats: dict[str, Any] = {name: (sums[name] / counts[name]).tolist() for name in sums}
+        diverged = np.zeros(self.population, bool)
+        for values in stats.values():
+            diverged |= ~np.isfinite(values)
+        if diverged.all():
+            raise TrainingDiverged("every member's losses became non-finite (NaN/inf); "
+                                   "lower the learning rates or check the environment's rewards")
+        stats["diverged"] = diverged
+        return stats
+
+    def evaluate(self, generation: int, bar: ProgressBar) -> np.ndarray:
+        """Fitness ``(P,)``: mean return of noise-free episodes per member."""
+        per_stream = -(-self.cfg.train.eval_episodes // self.cfg.env.envs_per_member)
+        replay = self.replay if self.cfg.train.eval_to_replay else None
+        result = rollout(self.agent, self.pool, replay, self._seeds(generation, PHASE_EVALUATE),
+                         explore=False, episodes_per_stream=per_stream,
+                         on_step=lambda _: bar.advance(1, "evaluate"))
+        self.counters.env_steps += result.env_steps
+        return result.member_fitness(self.population, per_stream)
+
+    # ------------------------------------------------------------ helpers
+
+    def _sample(self) -> Batch:
+        arrays = self.replay.sample(self.population, self.cfg.agent.batch_size)
+        return Batch(*(torch.as_tensor(arrays[name], dtype=torch.float32, device=self.device)
+                       for name in ("obs", "action", "reward", "next_obs", "terminated")))
+
+    def _seeds(self, generation: int, phase: int) -> np.ndarray:
+        """Environment reset seeds: a pure function of (seed, generation, phase), so a resumed
+        run resets its environments exactly as the uninterrupted run did."""
+        sequence = np.random.SeedSequence([self.cfg.run.seed, generation, phase])
+        return sequence.generate_state(len(self.pool)) % 2**31
+
+    def _planned_work(self) -> int:
+        """Progress-bar units: one per rollout step of all streams, one per optimizer step."""
+        t = self.cfg.train
+        spec = self.pool.envs[0].spec
+        episode = spec.max_episode_steps if spec is not None and spec.max_episode_steps else 1000
+        eval_rows = -(-t.eval_episodes // self.cfg.env.envs_per_member) * episode
+        return t.steps_per_generation + t.updates_per_generation + eval_rows
+
+    def _hyperparameters(self) -> dict[str, list[float]]:
+        return {name: hp.tolist() for name, hp in self.agent.hyperparameters.items()}
+
+    def _record(self, generation: int, fitness: np.ndarray, elite: int, lineage: str, elapsed: float,
+                env_steps: int, updates: int) -> dict[str, Any]:
+        finite = fitness[np.isfinite(fitness)]
+        c = self.counters
+        return {
+            "generation": generation,
+            "generations": self.cfg.train.generations,
+            "env_id": self.cfg.env.id,
+            "population": self.population,
+            "env_steps": env_steps,
+            "env_steps_total": c.env_steps,
+            "env_steps_per_s": env_steps / elapsed,
+            "updates": updates,
+            "updates_total": c.updates,
+            "updates_per_s": updates / elapsed,
+            "replay_size": len(self.replay),
+            "replay_capacity": self.replay.capacity,
+            "generation_s": elapsed,
+            "generation_avg_s": c.elapsed_s / c.generation,
+            "elapsed_s": c.elapsed_s,
+            "fitness_best": float(fitness[elite]),
+            "fitness_median": float(np.median(finite)) if finite.size else float("-inf"),
+            "fitness_worst": float(finite.min()) if finite.size else float("-inf"),
+            "elite_slot": elite,
+            "elite_lineage": lineage,
+            "mutation_scale": self.evolution.mutation_scale,
+            **memory_snapshot(self.device),
+        }
+
+    # ------------------------------------------------------------ state, in one place
+
+    def state(self) -> ckpt.Checkpoint:
+        """Everything a resumed run needs to continue exactly where this one stands."""
+        tensors = {f"agent.{name}": t for name, t in self.agent.member_tensors().items()}
+        tensors["rng.torch"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        arrays, replay_meta = self.replay.state()
+        py_state = random.getstate()
+        meta = {
+            "config_hash": self.cfg.hash(),
+            "counters": vars(self.counters),
+            "agent": self.agent.extra_state(),
+            "evolution": self.evolution.state(),
+            "replay": replay_meta,
+            "replay_saved": self.cfg.run.save_replay,
+            "rng_python": [py_state[0], list(py_state[1]), py_state[2]],
+        }
+        return ckpt.Checkpoint(tensors, arrays if self.cfg.run.save_replay else {}, meta)
+
+    def restore(self, state: ckpt.Checkpoint) -> None:
+        meta = state.meta
+        agent_tensors = {name[len("agent."):]: t for name, t in state.tensors.items() if name.startswith("agent.")}
+        self.agent.load_member_tensors(agent_tensors)
+        self.agent.load_extra_state(meta["agent"])
+        torch.set_rng_state(state.tensors["rng.torch"])
+        if self.device.type == "cuda" and "rng.cuda" in state.tensors:
+            torch.cuda.set_rng_state(state.tensors["rng.cuda"], self.device)
+        if meta["replay_saved"]:
+            self.replay.load_state(state.arrays, meta["replay"])
+        self.evolution.load_state(meta["evolution"])
+        version, internal, gauss = meta["rng_python"]
+        random.setstate((version, tuple(internal), gauss))
+        self.counters = Counters(**meta["counters"])
+
+    def save_checkpoint(self) -> None:
+        generation = self.counters.generation - 1
+        ckpt.save(self.storage, self.run_name, generation, self.state())
+        ckpt.prune(self.storage, self.run_name, self.cfg.run.keep_checkpoints)
+
+    def close(self) -> None:
+        self.pool.close()
+        self.log.close()
