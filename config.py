@@ -22,7 +22,8 @@ import yaml
 
 
 class UserError(Exception):
-    """A mistake the user can fix (bad config, unknown environment, ...): shown as one line."""
+    """A problem the user can act on (bad config, unknown environment, corrupt checkpoint,
+    diverged training, ...): the command line shows it as one line and exits with code 2."""
 
 
 @dataclass
@@ -149,8 +150,10 @@ class Config:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        """Stable hash of what a checkpoint means (everything but the ``run`` section)."""
+        """Stable hash of what a checkpoint means: everything but the ``run`` section and
+        ``train.generations`` (the keys a resume may change)."""
         meaning = {k: v for k, v in self.to_dict().items() if k != "run"}
+        del meaning["train"]["generations"]
         blob = json.dumps(meaning, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -248,9 +251,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "agent": {"hidden_sizes": [64, 64], "batch_size": 128, "actor_lr": 1e-3, "critic_lr": 1e-3},
         "replay": {"capacity": 100_000},
         "train": {
-            "generations": 20,
+            "generations": 18,
             "steps_per_generation": 0,
-            "updates_per_generation": 200,
+            "updates_per_generation": 1000,
             "accumulation_steps": 2,
             "warmup_steps": 3_200,
         },
@@ -324,6 +327,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+_SCALAR_TYPES: dict[Any, tuple[type, ...]] = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     if origin is list:
@@ -333,18 +339,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return [_coerce(v, item, f"{key}[]") for v in value]
     if origin in (typing.Union, types.UnionType):
         raise UserError(f"{key}: union types are not supported in config")
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint is str:
-        if isinstance(value, str):
-            return value
+    accepted = _SCALAR_TYPES.get(hint, ())
+    if isinstance(value, accepted) and (hint is bool or not isinstance(value, bool)):
+        return float(typing.cast(float, value)) if hint is float else value
     raise UserError(f"{key} must be of type {getattr(hint, '__name__', hint)}, got {value!r}")
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
@@ -106,25 +108,18 @@ def _summary(trainer: Any, record: dict[str, Any]) -> str:
     )
 
 
-class _user_errors:
-    """Turn user mistakes into one line on stderr and exit code 2; Ctrl-C into exit 130."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: Any) -> bool:
-        from cloud.checkpoint import CheckpointError
-        from cloud.storage import StorageError
-        from training.trainer import TrainingDiverged
-
-        if isinstance(err, (UserError, StorageError, CheckpointError, TrainingDiverged)):
-            click.echo(f"error: {err}", err=True)
-            sys.exit(2)
-        if isinstance(err, KeyboardInterrupt):
-            click.echo("\ninterrupted: the last finished generation is checkpointed; "
-                       "continue with: python main.py --resume", err=True)
-            sys.exit(130)
-        return False
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn user-facing errors into one line on stderr and exit code 2; Ctrl-C into exit 130."""
+    try:
+        yield
+    except UserError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: the last finished generation is checkpointed; "
+                   "continue with: python main.py --resume", err=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import pickle
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -19,13 +20,14 @@ import numpy as np
 import torch
 
 from cloud.storage import Storage
+from config import UserError
 
 FORMAT = "evorl-checkpoint/1"
 MANIFEST = "MANIFEST.json"
 _GEN = re.compile(r"^gen-(\d{6,})$")
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint is missing, corrupted or foreign: shown as one line."""
 
 
@@ -75,6 +77,12 @@ def load(storage: Storage, run: str, generation: int) -> Checkpoint:
         data[name] = blob
     try:
         tensors = torch.load(io.BytesIO(data["tensors.pt"]), weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{prefix}/tensors.pt holds objects other than tensors; refused "
+                              "(loading it could execute code)") from None
+    except (KeyError, ValueError, RuntimeError, OSError) as err:
+        raise CheckpointError(f"{prefix} cannot be decoded: {str(err).splitlines()[0]}") from None
+    try:
         arrays = {
             name[len("arrays/") : -len(".npy")]: np.load(io.BytesIO(blob), allow_pickle=False)
             for name, blob in data.items()
@@ -99,7 +107,7 @@ def generations(storage: Storage, run: str) -> list[int]:
 
 def load_latest(storage: Storage, run: str) -> tuple[int, Checkpoint, list[str]]:
     """The newest generation that verifies, and one line per newer one rejected."""
-    rejected = []
+    rejected: list[str] = []
     for generation in generations(storage, run):
         try:
             return generation, load(storage, run, generation), rejected

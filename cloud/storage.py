@@ -11,8 +11,10 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from urllib.parse import urlparse
 
+from config import UserError
 
-class StorageError(Exception):
+
+class StorageError(UserError):
     """Storage cannot be used as configured (bad URI, not writable, ...): shown as one line."""
 
 

@@ -72,8 +72,8 @@ class EnvPool:
         assert isinstance(space, gym.spaces.Box)
         self.low = space.low.astype(np.float32)
         self.high = space.high.astype(np.float32)
-        self.obs_dim = int(np.prod(self.envs[0].observation_space.shape))
-        self.act_dim = int(np.prod(space.shape))
+        self.obs_dim = int(self.envs[0].observation_space.shape[0])  # type: ignore[index]
+        self.act_dim = int(space.shape[0])
         self.obs = np.zeros((count, self.obs_dim), np.float32)
 
     def __len__(self) -> int:

@@ -55,7 +55,9 @@ class ReplayBuffer:
             self.capacity * int(np.prod(s, dtype=np.int64)) * np.dtype(t).itemsize for s, t in shapes.values()
         )
         _warn_if_too_large(self.nbytes)
-        self.data = {name: np.zeros((self.rows, streams, *shape), dtype) for name, (shape, dtype) in shapes.items()}
+        self.data: dict[str, np.ndarray] = {
+            name: np.zeros((self.rows, streams, *shape), dtype) for name, (shape, dtype) in shapes.items()
+        }
         self.cursor = 0
         self.filled_rows = 0
         self.rng = np.random.default_rng(seed)

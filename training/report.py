@@ -45,12 +45,15 @@ def status_block(record: dict[str, Any]) -> str:
     """The compact System Status block printed after each generation."""
     r = record
     lines = [
-        f"== System Status == generation {r['generation'] + 1}/{r['generations']}  ({r['env_id']}, P={r['population']})",
+        f"== System Status == generation {r['generation'] + 1}/{r['generations']}  "
+        f"({r['env_id']}, P={r['population']})",
         f"  env steps     {r['env_steps_total']:>12,}  ({r['env_steps_per_s']:,.0f}/s this generation)",
         f"  updates       {r['updates_total']:>12,}  ({r['updates_per_s']:,.1f} optimizer steps/s)",
         f"  replay        {r['replay_size']:>12,} / {r['replay_capacity']:,}",
-        f"  time          {r['generation_s']:>11.1f}s  (average {r['generation_avg_s']:.1f}s, total {r['elapsed_s'] / 60:.1f} min)",
-        f"  fitness       best {r['fitness_best']:.1f}  median {r['fitness_median']:.1f}  worst {r['fitness_worst']:.1f}",
+        f"  time          {r['generation_s']:>11.1f}s  "
+        f"(average {r['generation_avg_s']:.1f}s, total {r['elapsed_s'] / 60:.1f} min)",
+        f"  fitness       best {r['fitness_best']:.1f}  median {r['fitness_median']:.1f}  "
+        f"worst {r['fitness_worst']:.1f}",
         f"  elite         slot {r['elite_slot']}  lineage {r['elite_lineage']}",
         f"  memory        RSS {r['rss_mb']:,.0f} MB",
     ]

@@ -71,10 +71,7 @@ def rollout(
         for e in np.flatnonzero(ended):
             returns[e].append(float(running[e]))
             running[e] = 0.0
-        if steps > 0:
-            done = taken >= steps
-        else:
-            done = all(len(r) >= episodes_per_stream for r in returns)
+        done = taken >= steps if steps > 0 else all(len(r) >= episodes_per_stream for r in returns)
         cut = ~ended if done else np.zeros(count, np.bool_)
         if replay is not None:
             replay.add(Transitions(obs, action, reward, next_obs, terminated, truncated | cut, is_first))
@@ -91,4 +88,7 @@ def _act(agent: PopulationAgent, obs: np.ndarray, members: int, explore: bool) -
     with torch.no_grad():
         batch = torch.as_tensor(obs, device=device).view(members, -1, obs.shape[-1])
         action = agent.act(batch, explore)
-    return action.reshape(obs.shape[0], -1).cpu().numpy().astype(np.float32)
+    action = action.reshape(obs.shape[0], -1).cpu().numpy().astype(np.float32)
+    # A diverged member (non-finite weights) must not crash the environments: it plays
+    # neutral actions and the trainer gives it fitness -inf, so evolution replaces it.
+    return np.nan_to_num(action, nan=0.0, posinf=1.0, neginf=-1.0)

@@ -99,6 +99,7 @@ def _open_checked(run_dir: str, name: str) -> Storage:
 def _build(cfg: Config, name: str, storage: Storage) -> Trainer:
     run_path = Path(cfg.run.run_dir) / name
     device = resolve_device(cfg.run.device)
+    run_path.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(run_path, cfg.run.tensorboard)
     (run_path / "config.yaml").write_text(_yaml(cfg))
     return Trainer(cfg, name, storage, log, device)

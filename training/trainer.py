@@ -26,7 +26,7 @@ from training.telemetry import memory_snapshot
 PHASE_EXPLORE, PHASE_EVALUATE = 0, 1
 
 
-class TrainingDiverged(Exception):
+class TrainingDiverged(UserError):
     """Every member's losses became non-finite."""
 
 
