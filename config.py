@@ -264,8 +264,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {
             "generations": 500,
             "steps_per_generation": 1000,
-            "updates_per_generation": 32,
-            "accumulation_steps": 6,
+            "updates_per_generation": 1000,
+            "accumulation_steps": 1,
             "warmup_steps": 25_000,
         },
     },

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from agents.base import Batch, PopulationAgent
 from agents.td3 import TD3Population
 from config import AgentConfig, UserError
 
-ALGORITHMS: dict[str, type[TD3Population]] = {"td3": TD3Population}
+AgentFactory = Callable[[int, int, int, AgentConfig, torch.device], PopulationAgent]
+"""(population, obs_dim, act_dim, config, device) -> a PopulationAgent."""
+
+ALGORITHMS: dict[str, AgentFactory] = {"td3": TD3Population}
 """Actor-critic variants by name; a new one subclasses PopulationAgent and registers here."""
 
 
