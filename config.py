@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -327,6 +328,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+_YAML11_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 _SCALAR_TYPES: dict[Any, tuple[type, ...]] = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
 
 
@@ -342,6 +344,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     accepted = _SCALAR_TYPES.get(hint, ())
     if isinstance(value, accepted) and (hint is bool or not isinstance(value, bool)):
         return float(typing.cast(float, value)) if hint is float else value
+    if hint is float and isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 (PyYAML) reads 1e-3, without a dot, as a string
     raise UserError(f"{key} must be of type {getattr(hint, '__name__', hint)}, got {value!r}")
 
 

@@ -101,8 +101,11 @@ class BatchedAdam:
             scale = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         beta1, beta2 = self.betas
         self.step_count += 1
-        correction1 = 1 - beta1**self.step_count
-        correction2 = 1 - beta2**self.step_count
+        # Bias corrections in double precision, like torch.optim.Adam: in float32, 1 - 0.999**t is
+        # off by ~1e-5 relative for small t (0.999 is not exact in float32).
+        steps = self.step_count.double()
+        correction1 = (1 - beta1**steps).to(self.lr.dtype)
+        correction2 = (1 - beta2**steps).to(self.lr.dtype)
         step_size = self.lr / correction1
         for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
             if p.grad is None:

@@ -78,8 +78,9 @@ def load(storage: Storage, run: str, generation: int) -> Checkpoint:
     try:
         tensors = torch.load(io.BytesIO(data["tensors.pt"]), weights_only=True, map_location="cpu")
     except pickle.UnpicklingError:
-        raise CheckpointError(f"{prefix}/tensors.pt holds objects other than tensors; refused "
-                              "(loading it could execute code)") from None
+        raise CheckpointError(
+            f"{prefix}/tensors.pt holds objects other than tensors; refused (loading it could execute code)"
+        ) from None
     except (KeyError, ValueError, RuntimeError, OSError) as err:
         raise CheckpointError(f"{prefix} cannot be decoded: {str(err).splitlines()[0]}") from None
     try:

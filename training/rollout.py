@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +54,7 @@ def rollout(
         raise ValueError("rollout needs exactly one of steps or episodes_per_stream")
     count = len(pool)
     members = agent.population
+    device = next(agent.parameters()).device
     obs = pool.reset(seeds)
     is_first = np.ones(count, np.bool_)
     running = np.zeros(count, np.float64)
@@ -63,7 +65,7 @@ def rollout(
         if random_actions:
             action = (torch.rand(count, pool.act_dim) * 2 - 1).numpy()
         else:
-            action = _act(agent, obs, members, explore)
+            action = _act(agent, obs, members, explore, device)
         next_obs, reward, terminated, truncated = pool.step(action)
         taken += 1
         running += reward
@@ -82,13 +84,30 @@ def rollout(
     return RolloutResult(env_steps=taken * count, episode_returns=returns)
 
 
-def _act(agent: PopulationAgent, obs: np.ndarray, members: int, explore: bool) -> np.ndarray:
+def _act(agent: PopulationAgent, obs: np.ndarray, members: int, explore: bool, device: torch.device) -> np.ndarray:
     """``obs (E, obs_dim)`` -> actions ``(E, act_dim)``; stream ``e`` is member ``e // (E / P)``."""
-    device = next(agent.parameters()).device
-    with torch.no_grad():
+    with torch.inference_mode(), _one_cpu_thread(device):
         batch = torch.as_tensor(obs, device=device).view(members, -1, obs.shape[-1])
-        action = agent.act(batch, explore)
-    action = action.reshape(obs.shape[0], -1).cpu().numpy().astype(np.float32)
+        action = agent.act(batch, explore).reshape(obs.shape[0], -1).cpu().numpy().astype(np.float32, copy=False)
     # A diverged member (non-finite weights) must not crash the environments: it plays
     # neutral actions and the trainer gives it fitness -inf, so evolution replaces it.
     return np.nan_to_num(action, nan=0.0, posinf=1.0, neginf=-1.0)
+
+
+@contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """On cpu, run torch on one intra-op thread inside the block, then restore the setting.
+
+    An acting forward is tiny (a few rows per member): splitting it over threads saves nothing,
+    and on a busy machine each parallel region can stall for a scheduler time slice
+    (milliseconds) waiting for a descheduled thread. Results do not depend on the thread count.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

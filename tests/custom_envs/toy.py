@@ -1,0 +1,76 @@
+"""Real ``gymnasium.Env`` subclasses that make the trainer's environment handling observable."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+
+class CounterEnv(gym.Env):
+    """Observation ``[t, episode, seed_draw]``: ``t`` counts steps in the episode, which terminates
+    after ``length`` steps. Actions live in the asymmetric box ``[0, -4] .. [10, 4]``; the last
+    action received is kept in ``last_action`` and every step ever taken is counted in ``total_steps``."""
+
+    length = 5
+
+    def __init__(self) -> None:
+        self.observation_space = spaces.Box(-np.inf, np.inf, shape=(3,), dtype=np.float32)
+        self.action_space = spaces.Box(np.array([0.0, -4.0], np.float32), np.array([10.0, 4.0], np.float32))
+        self.t = 0
+        self.episode = -1
+        self.total_steps = 0
+        self.last_action: np.ndarray | None = None
+        self.draw = 0.0
+
+    def _obs(self) -> np.ndarray:
+        return np.array([self.t, self.episode, self.draw], np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self.t = 0
+        self.episode += 1
+        self.draw = float(self.np_random.uniform())
+        return self._obs(), {}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        self.last_action = np.array(action, np.float32)
+        self.t += 1
+        self.total_steps += 1
+        return self._obs(), 1.0, self.t >= self.length, False, {}
+
+
+class DictObsEnv(gym.Env):
+    """A dict observation space, which the trainer does not support."""
+
+    def __init__(self) -> None:
+        self.observation_space = spaces.Dict({"pos": spaces.Box(-1.0, 1.0, shape=(2,), dtype=np.float32)})
+        self.action_space = spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict, dict]:
+        super().reset(seed=seed)
+        return {"pos": np.zeros(2, np.float32)}, {}
+
+    def step(self, action: np.ndarray) -> tuple[dict, float, bool, bool, dict]:
+        return {"pos": np.zeros(2, np.float32)}, 0.0, False, False, {}
+
+
+class UnboundedActionEnv(gym.Env):
+    """A Box action space without finite bounds, which the trainer cannot rescale to."""
+
+    def __init__(self) -> None:
+        self.observation_space = spaces.Box(-1.0, 1.0, shape=(2,), dtype=np.float32)
+        self.action_space = spaces.Box(-np.inf, np.inf, shape=(1,), dtype=np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        return np.zeros(2, np.float32), 0.0, False, False, {}
+
+
+class NotAnEnv:
+    """Has the right name shape but is no ``gymnasium.Env``."""

@@ -1,0 +1,37 @@
+"""Helpers for the tests: live-tensor counting for the memory regression tests (docs/MEMORY.md)
+and exact comparison of population members."""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+
+
+def live_tensors() -> list[torch.Tensor]:
+    """Every torch tensor the garbage collector can reach, after a full collection."""
+    gc.collect()
+    return [obj for obj in gc.get_objects() if issubclass(type(obj), torch.Tensor)]
+
+
+def live_storages() -> dict[int, int]:
+    """Distinct storages of the live tensors: data pointer -> bytes (views count once)."""
+    storages = {}
+    for tensor in live_tensors():
+        if tensor.is_meta:
+            continue
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return storages
+
+
+def tensors_with_graph() -> list[torch.Tensor]:
+    """Live tensors that hold an autograd graph (must be none between steps)."""
+    return [t for t in live_tensors() if t.grad_fn is not None]
+
+
+def assert_members_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Every member tensor identical, bit for bit."""
+    assert sorted(a) == sorted(b)
+    different = [name for name in a if not torch.equal(a[name], b[name])]
+    assert not different, f"member tensors differ: {different[:5]}"

@@ -1,0 +1,216 @@
+"""The command line. The cases a user meets first run as the user runs them (``python main.py ...``
+in a subprocess); further error cases run in-process through click's test runner, which is faster."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from subprocess import CompletedProcess
+
+import click
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner, Result
+
+from main import cli
+from training import runs
+
+RunCli = Callable[..., CompletedProcess[str]]
+
+
+def tiny_args(run_dir: Path, *more: str) -> list[str]:
+    return [
+        "--preset",
+        "debug",
+        "--generations",
+        "1",
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        "run.tensorboard=false",
+        *more,
+    ]
+
+
+def assert_one_line_user_error(result: CompletedProcess[str] | Result, *expected: str) -> None:
+    code = result.returncode if isinstance(result, CompletedProcess) else result.exit_code
+    assert code == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    for text in expected:
+        assert text in lines[0]
+
+
+# ---------------------------------------------------------------- help and success
+
+
+def test_help_lists_every_option(run_cli: RunCli) -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    options = [opt for param in cli.params if isinstance(param, click.Option) for opt in param.opts]
+    assert len(options) >= 12
+    missing = [opt for opt in options if opt not in result.stdout]
+    assert not missing
+    assert "status" in result.stdout
+
+
+def test_debug_preset_finishes_and_prints_status(run_cli: RunCli, tmp_path: Path) -> None:
+    result = run_cli(*tiny_args(tmp_path / "runs", "--name", "smoke"))
+    assert result.returncode == 0, result.stderr
+    assert "System Status" in result.stdout
+    assert "done: 1 generations" in result.stdout
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "runs" / "smoke" / "gen-000000" / "MANIFEST.json").is_file()
+
+
+def test_resume_continues_the_latest_run(run_cli: RunCli, tmp_path: Path, tiny_config) -> None:
+    trainer = runs.start(tiny_config({"train.generations": 1, "run.name": "first"}))
+    trainer.train()
+    trainer.close()
+    result = run_cli("--resume", "--run-dir", str(tmp_path / "runs"), "--generations", "2")
+    assert result.returncode == 0, result.stderr
+    assert "resuming run 'first' after generation 1" in result.stdout
+    assert "generation 2/2" in result.stdout
+    assert "done: 2 generations" in result.stdout
+
+
+def test_custom_env_class_trains(run_cli: RunCli, tmp_path: Path) -> None:
+    result = run_cli(*tiny_args(tmp_path / "runs", "--env", "custom_envs.toy:CounterEnv"))
+    assert result.returncode == 0, result.stderr
+    assert "System Status" in result.stdout
+    assert "custom_envs.toy:CounterEnv" in result.stdout
+
+
+def test_print_config_prints_the_resolved_yaml(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, tiny_args(tmp_path / "runs", "--set", "agent.actor_lr=1e-3", "--print-config"))
+    assert result.exit_code == 0, result.output
+    tree = yaml.safe_load(result.stdout)
+    assert tree["agent"]["actor_lr"] == pytest.approx(1e-3)
+    assert tree["train"]["generations"] == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_status_lists_runs_and_their_generations(run_cli: RunCli, tiny_config, tmp_path: Path) -> None:
+    trainer = runs.start(tiny_config({"train.generations": 2, "run.name": "listed"}))
+    trainer.train()
+    trainer.close()
+    result = run_cli("status", "--run-dir", str(tmp_path / "runs"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["listed", "generations", "1..2"]
+
+
+def test_status_of_an_empty_folder(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["status", "--run-dir", str(tmp_path / "none")])
+    assert result.exit_code == 0
+    assert "no runs in" in result.stdout
+
+
+# ---------------------------------------------------------------- user errors: exit 2, one line
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--preset", "nope"], ["unknown preset 'nope'"]),
+        (["--set", "agent.nope=1"], ["agent.nope"]),
+        (["--set", "agent.gamma=1.5"], ["agent.gamma"]),
+        (["--env", "NoSuchEnv-v0"], ["NoSuchEnv-v0"]),
+        (["--env", "CartPole-v1"], ["CartPole-v1", "action space"]),
+        (["--env", "custom_envs.toy:DictObsEnv"], ["observation space"]),
+        (["--population", "2", "--set", "evolution.elites=3"], ["population (2)", "evolution.elites (3)"]),
+    ],
+    ids=[
+        "unknown-preset",
+        "unknown-key",
+        "out-of-range",
+        "unknown-env",
+        "discrete-actions",
+        "dict-observations",
+        "population-not-above-elites",
+    ],
+)
+def test_bad_input_is_one_error_line_with_exit_code_2(
+    run_cli: RunCli, tmp_path: Path, args: list[str], expected: list[str]
+) -> None:
+    assert_one_line_user_error(run_cli(*tiny_args(tmp_path / "runs", *args)), *expected)
+
+
+def test_wrong_type_is_one_error_line(run_cli: RunCli, tmp_path: Path) -> None:
+    result = run_cli("--preset", "debug", "--run-dir", str(tmp_path / "runs"), "--set", "train.generations=abc")
+    assert_one_line_user_error(result, "train.generations must be of type int")
+
+
+@pytest.mark.xfail(strict=True, reason="config.validate() accepts population 1 with any number of elites")
+def test_population_smaller_than_elites_is_refused(run_cli: RunCli, tmp_path: Path) -> None:
+    result = run_cli(*tiny_args(tmp_path / "runs", "--population", "1", "--set", "evolution.elites=2"))
+    assert_one_line_user_error(result, "evolution.elites")
+
+
+def test_run_dir_under_a_regular_file_is_refused(run_cli: RunCli, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = run_cli(*tiny_args(blocker / "runs"))
+    assert_one_line_user_error(result, "cannot write to", str(blocker))
+
+
+def test_resume_with_nothing_to_resume(run_cli: RunCli, tmp_path: Path) -> None:
+    result = run_cli("--resume", "--run-dir", str(tmp_path / "empty"))
+    assert_one_line_user_error(result, "nothing to resume")
+
+
+# ---------------------------------------------------------------- more user errors, in-process
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner().invoke(cli, list(args))
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--set", "nosuch.key=1"], ["nosuch"]),
+        (["--env", "custom_envs.toy:NoSuchClass"], ["NoSuchClass"]),
+        (["--env", "custom_envs.toy:NotAnEnv"], ["not a gymnasium.Env"]),
+        (["--env", "custom_envs.toy:UnboundedActionEnv"], ["unbounded actions"]),
+        (["--env", "no_such_module:Env"], ["no_such_module"]),
+        (["--set", "agent.algorithm=nope"], ["agent.algorithm"]),
+    ],
+)
+def test_more_bad_input_in_process(custom_envs: str, tmp_path: Path, args: list[str], expected: list[str]) -> None:
+    assert_one_line_user_error(invoke(*tiny_args(tmp_path / "runs", *args)), *expected)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    result = invoke(*tiny_args(tmp_path / "runs", "--config", str(tmp_path / "missing.yaml")))
+    assert_one_line_user_error(result, "cannot read config file")
+
+
+def test_resume_of_an_unknown_run_name(tmp_path: Path) -> None:
+    assert_one_line_user_error(invoke("--resume", "--run-dir", str(tmp_path / "empty"), "--name", "ghost"), "ghost")
+
+
+def test_resume_refuses_a_preset(tmp_path: Path) -> None:
+    result = invoke("--resume", "--preset", "debug", "--run-dir", str(tmp_path / "runs"))
+    assert_one_line_user_error(result, "--preset cannot be combined with --resume")
+
+
+def test_resume_refuses_a_changed_config(tmp_path: Path, tiny_config) -> None:
+    trainer = runs.start(tiny_config({"train.generations": 1, "run.name": "fixed"}))
+    trainer.train()
+    trainer.close()
+    result = invoke("--resume", "--run-dir", str(tmp_path / "runs"), "--set", "agent.actor_lr=0.001")
+    assert_one_line_user_error(result, "cannot resume run 'fixed'", "agent.actor_lr")
+
+
+def test_existing_run_name_is_not_overwritten(tmp_path: Path, tiny_config) -> None:
+    runs.start(tiny_config({"run.name": "taken"})).close()
+    result = invoke(*tiny_args(tmp_path / "runs", "--name", "taken"))
+    assert_one_line_user_error(result, "run 'taken' already exists")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda(tmp_path: Path) -> None:
+    assert_one_line_user_error(invoke(*tiny_args(tmp_path / "runs", "--device", "cuda")), "CUDA is not available")

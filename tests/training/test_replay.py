@@ -1,0 +1,183 @@
+from __future__ import annotations
+
+import gc
+import json
+import weakref
+
+import numpy as np
+import pytest
+
+from training.replay import FIELDS, ReplayBuffer, Transitions
+
+STREAMS, OBS, ACT = 3, 2, 1
+
+
+def step(value: float, streams: int = STREAMS, **flags: np.ndarray) -> Transitions:
+    """One row whose every number is ``value`` (plus the stream index in obs), flags False unless given."""
+    no = np.zeros(streams, np.bool_)
+    obs = np.full((streams, OBS), value, np.float32)
+    obs[:, 1] = np.arange(streams)
+    return Transitions(
+        obs=obs,
+        action=np.full((streams, ACT), value / 1000, np.float32),
+        reward=np.full(streams, value, np.float32),
+        next_obs=obs + 0.5,
+        terminated=flags.get("terminated", no),
+        truncated=flags.get("truncated", no),
+        is_first=flags.get("is_first", no),
+    )
+
+
+def filled(capacity: int, rows: int, seed: int = 0) -> ReplayBuffer:
+    buffer = ReplayBuffer(capacity, STREAMS, OBS, ACT, seed=seed)
+    for value in range(rows):
+        buffer.add(step(float(value)))
+    return buffer
+
+
+# ---------------------------------------------------------------- layout and ring
+
+
+def test_capacity_is_counted_in_transitions() -> None:
+    buffer = ReplayBuffer(10, STREAMS, OBS, ACT, seed=0)
+    assert buffer.rows == 10 // STREAMS == 3
+    assert buffer.capacity == 9
+    assert buffer.data["obs"].shape == (3, STREAMS, OBS)
+    assert buffer.data["reward"].shape == (3, STREAMS)
+
+
+def test_capacity_below_the_stream_count_is_refused() -> None:
+    with pytest.raises(ValueError, match="smaller than"):
+        ReplayBuffer(2, STREAMS, OBS, ACT, seed=0)
+
+
+def test_add_copies_in_and_counts_transitions() -> None:
+    buffer = ReplayBuffer(30, STREAMS, OBS, ACT, seed=0)
+    row = step(7.0)
+    buffer.add(row)
+    row.obs[:] = -1  # the caller reuses its arrays
+    assert len(buffer) == STREAMS
+    assert np.all(buffer.data["obs"][0, :, 0] == 7.0)
+
+
+def test_ring_wraps_and_overwrites_the_oldest_rows() -> None:
+    buffer = filled(capacity=4 * STREAMS, rows=6)
+    assert len(buffer) == buffer.capacity == 12
+    assert buffer.cursor == 2
+    assert buffer.data["reward"][:, 0].tolist() == [4.0, 5.0, 2.0, 3.0]
+
+
+def test_terminated_and_truncated_are_stored_apart() -> None:
+    buffer = ReplayBuffer(30, STREAMS, OBS, ACT, seed=0)
+    buffer.add(step(0.0, terminated=np.array([True, False, False]), truncated=np.array([False, True, False])))
+    assert buffer.data["terminated"][0].tolist() == [True, False, False]
+    assert buffer.data["truncated"][0].tolist() == [False, True, False]
+
+
+def test_is_first_is_stored_per_stream() -> None:
+    buffer = ReplayBuffer(30, STREAMS, OBS, ACT, seed=0)
+    buffer.add(step(0.0, is_first=np.ones(STREAMS, np.bool_)))
+    buffer.add(step(1.0, is_first=np.array([False, True, False])))
+    assert buffer.data["is_first"][:2].tolist() == [[True, True, True], [False, True, False]]
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def test_sample_has_a_member_and_batch_axis() -> None:
+    sample = filled(capacity=30, rows=5).sample(4, 7)
+    assert set(sample) == {"obs", "action", "reward", "next_obs", "terminated"}
+    assert sample["obs"].shape == (4, 7, OBS) and sample["obs"].dtype == np.float32
+    assert sample["action"].shape == (4, 7, ACT)
+    assert sample["reward"].shape == (4, 7)
+    assert sample["terminated"].shape == (4, 7) and sample["terminated"].dtype == np.bool_
+
+
+def test_sample_keeps_transitions_whole() -> None:
+    sample = filled(capacity=300, rows=50).sample(4, 64)
+    np.testing.assert_array_equal(sample["obs"][..., 0], sample["reward"])
+    np.testing.assert_array_equal(sample["next_obs"], sample["obs"] + 0.5)
+    assert len(np.unique(sample["obs"][..., 1])) == STREAMS  # draws from every stream
+
+
+def test_sample_reads_only_filled_rows() -> None:
+    buffer = ReplayBuffer(3000, STREAMS, OBS, ACT, seed=0)
+    for value in (1.0, 2.0):
+        buffer.add(step(value))
+    assert set(np.unique(buffer.sample(4, 256)["reward"])) == {1.0, 2.0}
+
+
+def test_members_draw_independently() -> None:
+    sample = filled(capacity=3000, rows=500).sample(2, 32)
+    assert not np.array_equal(sample["reward"][0], sample["reward"][1])
+
+
+def test_sampling_an_empty_buffer_is_refused() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        ReplayBuffer(30, STREAMS, OBS, ACT, seed=0).sample(1, 1)
+
+
+# ---------------------------------------------------------------- checkpoint state
+
+
+def test_state_round_trip_restores_contents_and_rng() -> None:
+    original = filled(capacity=8 * STREAMS, rows=11, seed=3)
+    original.sample(2, 5)  # advance the rng
+    arrays, meta = original.state()
+    meta = json.loads(json.dumps(meta))  # it is stored as JSON
+    copy = ReplayBuffer(8 * STREAMS, STREAMS, OBS, ACT, seed=99)
+    copy.load_state({name: a.copy() for name, a in arrays.items()}, meta)
+    for name in FIELDS:
+        np.testing.assert_array_equal(copy.data[name], original.data[name])
+    assert (copy.cursor, copy.filled_rows, len(copy)) == (original.cursor, original.filled_rows, len(original))
+    for _ in range(3):
+        a, b = original.sample(3, 9), copy.sample(3, 9)
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name])
+    original.add(step(100.0))
+    copy.add(step(100.0))
+    np.testing.assert_array_equal(copy.data["reward"], original.data["reward"])
+
+
+def test_state_holds_only_filled_rows() -> None:
+    arrays, meta = filled(capacity=30, rows=4).state()
+    assert arrays["obs"].shape == (4, STREAMS, OBS)
+    assert meta["filled_rows"] == 4
+
+
+def test_load_state_refuses_another_layout() -> None:
+    arrays, meta = filled(capacity=30, rows=4).state()
+    with pytest.raises(ValueError, match="does not match"):
+        ReplayBuffer(60, STREAMS, OBS, ACT, seed=0).load_state(arrays, meta)
+
+
+# ---------------------------------------------------------------- MEMORY.md rule 2: samples own their memory
+
+
+def test_samples_own_their_memory() -> None:
+    buffer = filled(capacity=300, rows=50)
+    for name, array in buffer.sample(4, 16).items():
+        assert array.flags.owndata, name
+        assert array.base is None, name
+        assert not np.shares_memory(array, buffer.data[name]), name
+
+
+def test_a_held_sample_does_not_change_when_the_buffer_wraps() -> None:
+    buffer = filled(capacity=4 * STREAMS, rows=4)
+    sample = buffer.sample(2, 8)
+    kept = {name: array.copy() for name, array in sample.items()}
+    for value in range(100, 108):  # overwrite every row twice
+        buffer.add(step(float(value)))
+    assert buffer.data["reward"].min() >= 100
+    for name in sample:
+        np.testing.assert_array_equal(sample[name], kept[name])
+
+
+def test_held_samples_do_not_keep_evicted_storage_alive() -> None:
+    buffer = filled(capacity=300, rows=50)
+    samples = [buffer.sample(4, 16) for _ in range(20)]
+    storage = [weakref.ref(array) for array in buffer.data.values()]
+    buffer = filled(capacity=300, rows=50)  # the old buffer and its storage are dropped
+    gc.collect()
+    assert all(ref() is None for ref in storage), "a held sample keeps the old storage alive"
+    assert len(samples) == 20 and samples[0]["obs"].shape == (4, 16, OBS)
