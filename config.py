@@ -181,8 +181,9 @@ class Config:
         _check(t.eval_episodes >= 1, "train.eval_episodes must be >= 1")
         _check(v.elites >= 0, "evolution.elites must be >= 0")
         _check(
-            v.elites < self.population or self.population == 1,
-            f"population ({self.population}) must be larger than evolution.elites ({v.elites})",
+            v.elites <= self.population,
+            f"population ({self.population}) is smaller than evolution.elites ({v.elites}); "
+            "lower evolution.elites or raise the population",
         )
         _check(v.tournament_size >= 1, "evolution.tournament_size must be >= 1")
         _check(0 <= v.replace_fraction <= 1, "evolution.replace_fraction must be in [0, 1]")
@@ -344,6 +345,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     accepted = _SCALAR_TYPES.get(hint, ())
     if isinstance(value, accepted) and (hint is bool or not isinstance(value, bool)):
         return float(typing.cast(float, value)) if hint is float else value
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # --set run.name=123 reads as a number
     if hint is float and isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value.strip()):
         return float(value)  # YAML 1.1 (PyYAML) reads 1e-3, without a dot, as a string
     raise UserError(f"{key} must be of type {getattr(hint, '__name__', hint)}, got {value!r}")

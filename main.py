@@ -58,11 +58,11 @@ def cli(ctx: click.Context, preset: str | None, config_file: str | None, overrid
         "run.device": device, "run.run_dir": run_dir, "run.name": name,
     }.items() if value is not None}
     with _user_errors():
-        from training import runs
-
         if resume:
             if preset is not None:
                 raise UserError("--preset cannot be combined with --resume: a resumed run keeps its config")
+            from training import runs  # imports torch: only after the cheap checks
+
             trainer = runs.resume(run_dir or "runs", name or "",
                                   {"config_file": config_file, "overrides": overrides, "extra": extra})
         else:
@@ -72,6 +72,8 @@ def cli(ctx: click.Context, preset: str | None, config_file: str | None, overrid
 
                 click.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False), nl=False)
                 return
+            from training import runs
+
             trainer = runs.start(cfg)
         try:
             record = trainer.train()

@@ -122,20 +122,20 @@ def test_out_of_range_value_is_refused_naming_the_key(override: str, named: str)
         build_config("debug", overrides=[override])
 
 
-@pytest.mark.parametrize(("population", "elites"), [(2, 2), (2, 3), (4, 5)])
-def test_population_must_be_larger_than_elites(population: int, elites: int) -> None:
-    with pytest.raises(UserError, match=rf"population \({population}\) must be larger than evolution.elites"):
+@pytest.mark.parametrize(("population", "elites"), [(1, 2), (2, 3), (4, 5)])
+def test_population_smaller_than_elites_is_refused(population: int, elites: int) -> None:
+    with pytest.raises(UserError, match=rf"population \({population}\) is smaller than evolution.elites"):
         build_config("debug", extra={"population": population, "evolution.elites": elites})
+
+
+def test_population_of_only_elites_is_allowed() -> None:
+    assert build_config("debug", extra={"population": 2, "evolution.elites": 2}).evolution.elites == 2
 
 
 def test_single_member_population_with_one_elite_is_allowed() -> None:
     assert build_config("debug", extra={"population": 1, "evolution.elites": 1}).population == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="validate() exempts population == 1 from the elites rule, so population 1 with elites 2 is accepted",
-)
 def test_single_member_population_with_more_elites_is_refused() -> None:
     with pytest.raises(UserError, match="evolution.elites"):
         build_config("debug", extra={"population": 1, "evolution.elites": 2})

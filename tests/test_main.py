@@ -13,13 +13,14 @@ import torch
 import yaml
 from click.testing import CliRunner, Result
 
+from config import build_config
 from main import cli
 from training import runs
 
 RunCli = Callable[..., CompletedProcess[str]]
 
 
-def tiny_args(run_dir: Path, *more: str) -> list[str]:
+def tiny_args(run_dir: Path | str, *more: str) -> list[str]:
     return [
         "--preset",
         "debug",
@@ -143,7 +144,6 @@ def test_wrong_type_is_one_error_line(run_cli: RunCli, tmp_path: Path) -> None:
     assert_one_line_user_error(result, "train.generations must be of type int")
 
 
-@pytest.mark.xfail(strict=True, reason="config.validate() accepts population 1 with any number of elites")
 def test_population_smaller_than_elites_is_refused(run_cli: RunCli, tmp_path: Path) -> None:
     result = run_cli(*tiny_args(tmp_path / "runs", "--population", "1", "--set", "evolution.elites=2"))
     assert_one_line_user_error(result, "evolution.elites")
@@ -177,6 +177,7 @@ def invoke(*args: str) -> Result:
         (["--env", "custom_envs.toy:UnboundedActionEnv"], ["unbounded actions"]),
         (["--env", "no_such_module:Env"], ["no_such_module"]),
         (["--set", "agent.algorithm=nope"], ["agent.algorithm"]),
+        (["--env", "custom_envs.toy:BrokenConstructorEnv"], ["cannot construct", "simulator license not found"]),
     ],
 )
 def test_more_bad_input_in_process(custom_envs: str, tmp_path: Path, args: list[str], expected: list[str]) -> None:
@@ -214,3 +215,21 @@ def test_existing_run_name_is_not_overwritten(tmp_path: Path, tiny_config) -> No
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_device_without_cuda(tmp_path: Path) -> None:
     assert_one_line_user_error(invoke(*tiny_args(tmp_path / "runs", "--device", "cuda")), "CUDA is not available")
+
+
+def test_bad_env_leaves_no_run_folder_behind(tmp_path: Path) -> None:
+    result = invoke(*tiny_args(tmp_path / "runs", "--env", "NoSuchEnv-v0"))
+    assert_one_line_user_error(result, "NoSuchEnv-v0")
+    assert not any((tmp_path / "runs").rglob("*.yaml"))
+
+
+def test_file_uri_run_dir_keeps_logs_and_checkpoints_together(tmp_path: Path) -> None:
+    result = invoke(*tiny_args(f"file://{tmp_path}/runs", "--name", "uri"))
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "uri"
+    assert (run / "metrics.jsonl").is_file() and (run / "run.json").is_file()
+    assert any(run.glob("gen-*/MANIFEST.json"))
+
+
+def test_numeric_run_name_from_set_is_a_string(tmp_path: Path) -> None:
+    assert build_config("debug", overrides=["run.name=123"]).run.name == "123"

@@ -33,7 +33,10 @@ def _instantiate(env_id: str) -> gym.Env:
         cls = getattr(module, class_name, None)
         if cls is None:
             raise UserError(f"module {module_name!r} has no class {class_name!r} (env {env_id!r})")
-        env = cls()
+        try:
+            env = cls()
+        except Exception as err:  # a user's constructor can fail in any way
+            raise UserError(f"cannot construct env {env_id!r}: {type(err).__name__}: {err}") from None
         if not isinstance(env, gym.Env):
             raise UserError(f"{env_id!r} is not a gymnasium.Env subclass")
         return env

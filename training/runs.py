@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import re
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from cloud import checkpoint as ckpt
-from cloud.storage import Storage, check_writable, open_storage
+from cloud.storage import LocalStorage, Storage, check_writable, open_storage
 from config import Config, UserError, build_config, changed_keys
+from training.envs import make_env
 from training.report import MetricsLog
 from training.trainer import Trainer
 
@@ -38,10 +38,11 @@ def new_run_name(cfg: Config) -> str:
 
 def list_runs(run_dir: str) -> list[tuple[str, list[int]]]:
     """Runs under ``run_dir`` with their checkpointed generations (newest first), oldest run first."""
-    root = Path(run_dir)
+    storage = open_storage(run_dir)
+    assert isinstance(storage, LocalStorage), "runs are listed from a local run folder"
+    root = storage.root
     if not root.is_dir():
         return []
-    storage = open_storage(run_dir)
     runs = sorted((p for p in root.iterdir() if (p / RUN_FILE).is_file()), key=lambda p: (p / RUN_FILE).stat().st_mtime)
     return [(p.name, ckpt.generations(storage, p.name)) for p in runs]
 
@@ -97,8 +98,10 @@ def _open_checked(run_dir: str, name: str) -> Storage:
 
 
 def _build(cfg: Config, name: str, storage: Storage) -> Trainer:
-    run_path = Path(cfg.run.run_dir) / name
     device = resolve_device(cfg.run.device)
+    make_env(cfg.env).close()  # an unknown or unsupported env fails before anything is written
+    assert isinstance(storage, LocalStorage), "logs live in a local run folder"
+    run_path = storage.root / name
     run_path.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(run_path, cfg.run.tensorboard)
     (run_path / "config.yaml").write_text(_yaml(cfg))

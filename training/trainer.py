@@ -51,8 +51,6 @@ class Trainer:
         seed = cfg.run.seed
         random.seed(seed)
         torch.manual_seed(seed)
-        probe = make_env(cfg.env)
-        probe.close()
         self.population = cfg.population
         self.pool = EnvPool(lambda: make_env(cfg.env), cfg.population * cfg.env.envs_per_member)
         self.agent = make_population(cfg.population, self.pool.obs_dim, self.pool.act_dim, cfg.agent, device)

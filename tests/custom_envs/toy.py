@@ -74,3 +74,10 @@ class UnboundedActionEnv(gym.Env):
 
 class NotAnEnv:
     """Has the right name shape but is no ``gymnasium.Env``."""
+
+
+class BrokenConstructorEnv(gym.Env):
+    """A user's env whose constructor fails."""
+
+    def __init__(self) -> None:
+        raise RuntimeError("simulator license not found")
