@@ -117,6 +117,26 @@ class EvolutionConfig:
 
 
 @dataclass
+class MemoryConfig:
+    leak_window: int = 20
+    """Generations in the leak sentinel's rolling window (after warm-up)."""
+    leak_warmup: int = 3
+    """First generations the sentinel ignores (allocator and caches settling)."""
+    leak_min_slope_mb: float = 1.0
+    """Growth below this many MB per generation is never called a leak."""
+    stop_on_leak: bool = False
+    """Checkpoint and stop the run when a leak is confirmed (otherwise warn and go on)."""
+    tensor_census: bool = True
+    """Count live tensors (and those carrying autograd graphs) every generation."""
+    cuda_history: bool = False
+    """On CUDA, record allocator history during the next generation and dump a snapshot file
+    (open it at https://pytorch.org/memory_viz)."""
+    inject_leak: bool = False
+    """Debug only: keep every critic loss with its autograd graph (MEMORY.md incident 1), to
+    show that the sentinel catches it."""
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     """Seeds python, numpy, torch and the environments."""
@@ -145,15 +165,16 @@ class Config:
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        """Stable hash of what a checkpoint means: everything but the ``run`` section and
-        ``train.generations`` (the keys a resume may change)."""
-        meaning = {k: v for k, v in self.to_dict().items() if k != "run"}
+        """Stable hash of what a checkpoint means: everything but the ``run`` and ``memory``
+        sections and ``train.generations``."""
+        meaning = {k: v for k, v in self.to_dict().items() if k not in ("run", "memory")}
         del meaning["train"]["generations"]
         blob = json.dumps(meaning, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
@@ -206,6 +227,10 @@ class Config:
             )
         _check(self.run.device == "auto" or self.run.device.split(":")[0] in ("cpu", "cuda"),
                f"run.device must be auto, cpu or cuda[:N], got {self.run.device!r}")
+        m = self.memory
+        _check(m.leak_window >= 4, "memory.leak_window must be >= 4")
+        _check(m.leak_warmup >= 0, "memory.leak_warmup must be >= 0")
+        _check(m.leak_min_slope_mb >= 0, "memory.leak_min_slope_mb must be >= 0")
         _check(self.run.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
         return self
 

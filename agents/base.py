@@ -39,6 +39,9 @@ class PopulationAgent(nn.Module, ABC):
 
     population: int
     hyperparameters: dict[str, Tensor]
+    leaked_losses: list[Tensor] | None = None
+    """Debug only (``memory.inject_leak``): when a list, updates append every loss tensor with
+    its autograd graph, reproducing MEMORY.md incident 1 so the leak sentinel can be shown to work."""
 
     @abstractmethod
     def act(self, obs: Tensor, explore: bool) -> Tensor:

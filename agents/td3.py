@@ -69,7 +69,9 @@ class TD3Population(PopulationAgent):
             q2 = self.critic2(sa).squeeze(-1)
             loss = (q1 - target).pow(2).mean(1) + (q2 - target).pow(2).mean(1)  # (P,)
             # Members own disjoint parameters, so the sum's gradient is each member's own.
-            (loss.sum() / len(batches)).backward()
+            (loss.sum() / len(batches)).backward(retain_graph=self.leaked_losses is not None)
+            if self.leaked_losses is not None:
+                self.leaked_losses.append(loss)
             loss_sum += loss.detach()
             q_sum += q1.detach().mean(1)
         grad_norm = self.critic_opt.step()

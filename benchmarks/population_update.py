@@ -10,6 +10,13 @@ Both see the same data (member ``i`` of the baseline gets row ``i`` of every bat
 alternates the two designs block by block (ABAB...) so drift on a shared machine hits both;
 the result is the ratio of the median time per update, never an absolute figure.
 
+OpenMP's wait policy matters a lot on 2 cores and is printed with the result. With the default
+(spinning) policy an idle machine runs the looped design's many small parallel ops well, but a
+busy one stalls every parallel region whose peer thread is descheduled (up to seconds per update,
+mostly in the looped design), so the ratio swings wildly. ``OMP_WAIT_POLICY=PASSIVE`` removes
+the stalls but makes each small parallel region wake sleeping threads, which slows the looped
+design on an idle machine. Neither is set here; compare runs under the same policy.
+
 Run from the repository root::
 
     python benchmarks/population_update.py            # default, ~1-3 min on 2 CPU cores
@@ -18,6 +25,7 @@ Run from the repository root::
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -28,7 +36,7 @@ import copy  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
+from collections.abc import Callable, Mapping, Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
@@ -74,8 +82,7 @@ class LoopedMember(nn.Module):
         self.critic1_target = frozen_copy(self.critic1)
         self.critic2_target = frozen_copy(self.critic2)
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.actor_lr)
-        self.critic_opt = torch.optim.Adam([*self.critic1.parameters(), *self.critic2.parameters()],
-                                           lr=cfg.critic_lr)
+        self.critic_opt = torch.optim.Adam([*self.critic1.parameters(), *self.critic2.parameters()], lr=cfg.critic_lr)
         self.critic_updates = 0
 
     def update(self, batches: Sequence[Batch]) -> dict[str, float]:
@@ -131,8 +138,11 @@ class LoopedMember(nn.Module):
 
     @torch.no_grad()
     def update_targets(self) -> None:
-        pairs = [(self.actor, self.actor_target), (self.critic1, self.critic1_target),
-                 (self.critic2, self.critic2_target)]
+        pairs = [
+            (self.actor, self.actor_target),
+            (self.critic1, self.critic1_target),
+            (self.critic2, self.critic2_target),
+        ]
         for online, target in pairs:
             for p, t in zip(online.parameters(), target.parameters(), strict=True):
                 t.lerp_(p, self.cfg.tau)
@@ -155,6 +165,7 @@ class LoopedPopulation:
 
 def make_batches(population: int, micro_batches: int, batch_size: int, device: torch.device) -> list[Batch]:
     """``K`` random micro-batches of shape ``(P, B, ...)`` (contents do not matter for speed)."""
+
     def one() -> Batch:
         shape = (population, batch_size)
         return Batch(
@@ -164,6 +175,7 @@ def make_batches(population: int, micro_batches: int, batch_size: int, device: t
             next_obs=torch.randn(*shape, OBS_DIM, device=device),
             terminated=(torch.rand(*shape, device=device) < 0.01).float(),
         )
+
     return [one() for _ in range(micro_batches)]
 
 
@@ -177,25 +189,42 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_block(step: Callable[[], object], calls: int, device: torch.device) -> float:
-    """Seconds per call of ``step`` over ``calls`` back-to-back calls."""
+def time_block(step: Callable[[], object], calls: int, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) per call of ``step`` over ``calls`` back-to-back calls."""
     synchronize(device)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(calls):
         step()
     synchronize(device)
-    return (time.perf_counter() - start) / calls
+    return (time.perf_counter() - wall) / calls, (time.process_time() - cpu) / calls
 
 
-def alternate(steps: dict[str, Callable[[], object]], rounds: int, calls: int,
-              device: torch.device) -> dict[str, list[float]]:
-    """ABAB...: each round times every step once, the order flipping each round."""
+def with_threads(threads: int, step: Callable[[], object]) -> Callable[[], object]:
+    """``step`` run with ``threads`` intra-op threads (switching costs well under a microsecond)."""
+
+    def call() -> object:
+        torch.set_num_threads(threads)
+        return step()
+
+    return call
+
+
+def alternate(
+    steps: Mapping[str, Callable[[], object]], rounds: int, calls: int, device: torch.device
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """ABAB...: each round times every step once, the order flipping each round.
+
+    Returns (wall, CPU) seconds per call, one entry per round, by step name.
+    """
     names = list(steps)
-    times: dict[str, list[float]] = {name: [] for name in names}
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            times[name].append(time_block(steps[name], calls, device))
-    return times
+            w, c = time_block(steps[name], calls, device)
+            wall[name].append(w)
+            cpu[name].append(c)
+    return wall, cpu
 
 
 # ---------------------------------------------------------------- main
@@ -209,8 +238,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, nargs="+", default=[256, 256])
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--accumulation", "-k", type=int, default=6, help="micro-batches per update (K)")
-    parser.add_argument("--rounds", type=int, default=0, help="ABAB rounds (0: 3 quick, 12 default)")
+    parser.add_argument("--rounds", type=int, default=0, help="ABAB rounds (0: 2 quick, 10 default)")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    parser.add_argument(
+        "--baseline-threads", type=int, default=0, help="threads for the looped baseline only (0: same as batched)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the result here")
     return parser.parse_args(argv)
@@ -221,6 +253,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    baseline_threads = args.baseline_threads or threads
     torch.manual_seed(args.seed)
     cfg = AgentConfig(hidden_sizes=list(args.hidden), batch_size=args.batch_size)
     p = args.population
@@ -228,21 +262,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     looped = LoopedPopulation(p, OBS_DIM, ACT_DIM, cfg, device)
     batches = make_batches(p, args.accumulation, args.batch_size, device)
     per_member = split_members(batches, p)
-    # Time pairs of calls so every block holds the same share of delayed actor updates.
-    calls = cfg.policy_delay
     steps = {
-        "batched": lambda: batched.update(batches),
-        "looped": lambda: looped.update(per_member),
+        "batched": with_threads(threads, lambda: batched.update(batches)),
+        "looped": with_threads(baseline_threads, lambda: looped.update(per_member)),
     }
-    alternate(steps, rounds=1 if args.quick else 2, calls=calls, device=device)  # warm-up
-    rounds = args.rounds or (3 if args.quick else 12)
-    times = alternate(steps, rounds, calls, device)
-    median = {name: statistics.median(ts) for name, ts in times.items()}
+    # Warm up (first calls allocate optimizer state and caches), then time blocks of
+    # ``policy_delay`` calls so every block holds exactly one delayed actor update.
+    calls = cfg.policy_delay
+    alternate(steps, rounds=1, calls=1 if args.quick else calls, device=device)
+    rounds = args.rounds or (2 if args.quick else 10)
+    wall, cpu = alternate(steps, rounds, calls, device)
+    median = {name: statistics.median(ts) for name, ts in wall.items()}
     return {
         "benchmark": "population_update",
         "device": str(device),
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "threads": threads,
+        "baseline_threads": baseline_threads,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "population": p,
         "hidden": list(args.hidden),
         "batch_size": args.batch_size,
@@ -251,26 +288,41 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "act_dim": ACT_DIM,
         "rounds": rounds,
         "updates_per_block": calls,
-        "seconds_per_update": times,
+        "seconds_per_update": wall,
+        "cpu_seconds_per_update": cpu,
         "median_s": median,
         "speedup": median["looped"] / median["batched"],
+        "speedup_best_blocks": min(wall["looped"]) / min(wall["batched"]),
     }
 
 
 def report(result: dict[str, Any]) -> None:
     """Print the table and the RESULT line."""
-    print(f"population update: P={result['population']} hidden={result['hidden']} "
-          f"batch={result['batch_size']} K={result['accumulation']} obs={result['obs_dim']} act={result['act_dim']}")
-    print(f"{'design':<10}{'median ms':>12}{'min ms':>10}{'max ms':>10}{'blocks':>8}")
+    print(
+        f"population update: P={result['population']} hidden={result['hidden']} "
+        f"batch={result['batch_size']} K={result['accumulation']} obs={result['obs_dim']} act={result['act_dim']}"
+    )
+    print(f"{'design':<10}{'median ms':>12}{'min ms':>10}{'max ms':>10}{'cpu ms':>10}{'blocks':>8}")
     for name, ts in result["seconds_per_update"].items():
-        print(f"{name:<10}{1e3 * statistics.median(ts):>12.1f}{1e3 * min(ts):>10.1f}{1e3 * max(ts):>10.1f}"
-              f"{len(ts):>8}")
-    print(f"RESULT population_update batched/looped speedup: {result['speedup']:.2f}x "
-          f"(device {result['device']}, torch {result['torch']}, threads {result['threads']})")
+        cpu = statistics.median(result["cpu_seconds_per_update"][name])
+        print(
+            f"{name:<10}{1e3 * statistics.median(ts):>12.1f}{1e3 * min(ts):>10.1f}{1e3 * max(ts):>10.1f}"
+            f"{1e3 * cpu:>10.1f}{len(ts):>8}"
+        )
+    print("(ms per update, wall clock; cpu ms = median process CPU time, which counts every busy thread)")
+    print(f"ratio of the fastest blocks (least disturbed by other load): {result['speedup_best_blocks']:.2f}x")
+    print(
+        f"RESULT population_update batched/looped speedup: {result['speedup']:.2f}x "
+        f"(device {result['device']}, torch {result['torch']}, threads {result['threads']}, "
+        f"baseline threads {result['baseline_threads']}, "
+        f"OMP_WAIT_POLICY {result['omp_wait_policy']})"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"--device {args.device}: CUDA is not available in this torch build or machine")
     result = run(args)
     report(result)
     if args.json is not None:

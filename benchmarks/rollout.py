@@ -4,7 +4,8 @@ The batched design is ``training.rollout.rollout``: an ``EnvPool`` of ``P`` envi
 per member) and one batched actor forward per step for the whole population. The baseline is
 what one writes without batching: ``P`` members, each an ordinary ``nn.Sequential`` actor and its
 own environment, stepped one after another (forward on a ``(1, obs)`` tensor under ``no_grad``,
-Gaussian exploration noise, rescale to the action bounds, step, reset when the episode ends).
+or ``inference_mode`` with ``--inference-mode-baseline``; Gaussian exploration noise, rescale to
+the action bounds, step, reset when the episode ends).
 
 Both take the same number of env steps per block (``steps`` per member, replay off). Timing
 alternates the designs block by block (ABAB...) so drift on a shared machine hits both; the
@@ -60,13 +61,16 @@ def mlp(in_features: int, hidden: Sequence[int], out_features: int) -> nn.Sequen
 class LoopedMember:
     """One member the usual way: its own actor module and its own environment."""
 
-    def __init__(self, env: gym.Env, hidden: Sequence[int], noise: float, device: torch.device) -> None:
+    def __init__(
+        self, env: gym.Env, hidden: Sequence[int], noise: float, device: torch.device, inference_mode: bool = False
+    ) -> None:
         space = env.action_space
         assert isinstance(space, gym.spaces.Box) and env.observation_space.shape is not None
         self.env = env
         self.low, self.high = space.low.astype(np.float32), space.high.astype(np.float32)
         self.actor = mlp(env.observation_space.shape[0], hidden, space.shape[0]).to(device)
         self.noise = noise
+        self.grad_mode = torch.inference_mode if inference_mode else torch.no_grad
         self.device = device
         self.obs = np.zeros(env.observation_space.shape, np.float32)
         self.running = 0.0
@@ -77,13 +81,13 @@ class LoopedMember:
         self.running = 0.0
         self.returns = []
 
-    @torch.no_grad()
     def act(self) -> np.ndarray:
         """A noisy action in ``[-1, 1]`` for the current observation."""
-        obs = torch.as_tensor(self.obs, dtype=torch.float32, device=self.device).unsqueeze(0)
-        action = torch.tanh(self.actor(obs))
-        action = (action + torch.randn_like(action) * self.noise).clamp(-1.0, 1.0)
-        return action[0].cpu().numpy()
+        with self.grad_mode():
+            obs = torch.as_tensor(self.obs, dtype=torch.float32, device=self.device).unsqueeze(0)
+            action = torch.tanh(self.actor(obs))
+            action = (action + torch.randn_like(action) * self.noise).clamp(-1.0, 1.0)
+            return action[0].cpu().numpy()
 
     def step(self) -> None:
         """Act, step the environment with the rescaled action, reset when the episode ends."""
@@ -138,7 +142,10 @@ def bench_env(env_id: str, args: argparse.Namespace) -> dict[str, Any]:
     cfg = AgentConfig(hidden_sizes=hidden)
     pool = EnvPool(lambda: make_env(env_cfg), p)
     agent = TD3Population(p, pool.obs_dim, pool.act_dim, cfg, device)
-    members = [LoopedMember(make_env(env_cfg), hidden, cfg.exploration_noise, device) for _ in range(p)]
+    members = [
+        LoopedMember(make_env(env_cfg), hidden, cfg.exploration_noise, device, args.inference_mode_baseline)
+        for _ in range(p)
+    ]
     seeds = np.arange(args.seed, args.seed + p)
     steps = args.steps or (100 if args.quick else 400)
 
@@ -150,7 +157,7 @@ def bench_env(env_id: str, args: argparse.Namespace) -> dict[str, Any]:
 
     blocks = {"batched": batched, "looped": looped}
     alternate(blocks, rounds=1)  # warm-up
-    rounds = args.rounds or (3 if args.quick else 6)
+    rounds = args.rounds or (3 if args.quick else 10)
     rates = alternate(blocks, rounds)
     pool.close()
     for member in members:
@@ -165,6 +172,8 @@ def bench_env(env_id: str, args: argparse.Namespace) -> dict[str, Any]:
         "env_steps_per_s": rates,
         "median_steps_per_s": median,
         "speedup": median["batched"] / median["looped"],
+        "speedup_best_blocks": max(rates["batched"]) / max(rates["looped"]),
+        "baseline_grad_mode": "inference_mode" if args.inference_mode_baseline else "no_grad",
     }
 
 
@@ -179,8 +188,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--population", type=int, default=16)
     parser.add_argument("--hidden", type=int, nargs="+", help="actor hidden sizes (default: per env)")
     parser.add_argument("--steps", type=int, default=0, help="env steps per member per block (0: 100 quick, 400)")
-    parser.add_argument("--rounds", type=int, default=0, help="ABAB rounds (0: 3 quick, 6 default)")
+    parser.add_argument("--rounds", type=int, default=0, help="ABAB rounds (0: 3 quick, 10 default)")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    parser.add_argument(
+        "--inference-mode-baseline", action="store_true", help="baseline acts under inference_mode, not no_grad"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the result here")
     return parser.parse_args(argv)
@@ -191,24 +203,40 @@ def report(results: list[dict[str, Any]], device: str) -> None:
     print(f"{'env':<16}{'design':<10}{'median steps/s':>16}{'min':>10}{'max':>10}{'blocks':>8}")
     for res in results:
         for name, rates in res["env_steps_per_s"].items():
-            print(f"{res['env']:<16}{name:<10}{statistics.median(rates):>16.0f}{min(rates):>10.0f}"
-                  f"{max(rates):>10.0f}{len(rates):>8}")
+            print(
+                f"{res['env']:<16}{name:<10}{statistics.median(rates):>16.0f}{min(rates):>10.0f}"
+                f"{max(rates):>10.0f}{len(rates):>8}"
+            )
     for res in results:
-        print(f"RESULT rollout {res['env']} batched/looped speedup: {res['speedup']:.2f}x "
-              f"(P={res['population']}, hidden {res['hidden']}, device {device}, torch {torch.__version__}, "
-              f"threads {torch.get_num_threads()})")
+        print(
+            f"{res['env']}: ratio of the fastest blocks (least disturbed by other load): "
+            f"{res['speedup_best_blocks']:.2f}x"
+        )
+    for res in results:
+        print(
+            f"RESULT rollout {res['env']} batched/looped speedup: {res['speedup']:.2f}x "
+            f"(P={res['population']}, hidden {res['hidden']}, device {device}, torch {torch.__version__}, "
+            f"threads {torch.get_num_threads()}, baseline {res['baseline_grad_mode']})"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"--device {args.device}: CUDA is not available in this torch build or machine")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     envs = args.env or (["Pendulum-v1"] if args.quick else ["Pendulum-v1", "HalfCheetah-v5"])
     results = [bench_env(env_id, args) for env_id in envs]
     report(results, args.device)
     if args.json is not None:
-        record = {"benchmark": "rollout", "device": args.device, "torch": torch.__version__,
-                  "threads": torch.get_num_threads(), "results": results}
+        record = {
+            "benchmark": "rollout",
+            "device": args.device,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "results": results,
+        }
         args.json.write_text(json.dumps(record, indent=2) + "\n")
 
 

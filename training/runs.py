@@ -20,7 +20,7 @@ RUN_FILE = "run.json"
 VERSION = 1
 RESUME_MAY_CHANGE = ("train.generations", "run.device", "run.progress", "run.tensorboard",
                      "run.keep_checkpoints", "run.run_dir", "run.name")
-"""Keys a resumed run may change without changing what its checkpoint means."""
+"""Keys a resumed run may change without changing what its checkpoint means (and ``memory.*``)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -74,7 +74,8 @@ def resume(run_dir: str, name: str, overrides: dict[str, Any]) -> Trainer:
     if saved.get("version") != VERSION:
         raise UserError(f"run {name!r} was written by an incompatible version ({saved.get('version')})")
     cfg = build_config(base=saved["config"], **overrides)
-    changed = [k for k in changed_keys(saved["config"], cfg.to_dict()) if k not in RESUME_MAY_CHANGE]
+    changed = [k for k in changed_keys(saved["config"], cfg.to_dict())
+               if k not in RESUME_MAY_CHANGE and not k.startswith("memory.")]
     if changed:
         raise UserError(f"cannot resume run {name!r} with a changed config: {', '.join(changed)} "
                         f"(a resume may change only {', '.join(RESUME_MAY_CHANGE)})")
