@@ -77,6 +77,15 @@ def cli(ctx: click.Context, preset: str | None, config_file: str | None, overrid
             trainer = runs.start(cfg)
         try:
             record = trainer.train()
+        except Exception as err:
+            from training.oom import is_out_of_memory
+
+            if not is_out_of_memory(err):
+                raise
+            click.echo(trainer.out_of_memory_report(err), err=True)
+            click.echo(f"out of memory: generation {trainer.counters.generation} is the last checkpoint; "
+                       "continue with: python main.py --resume", err=True)
+            sys.exit(3)
         finally:
             trainer.close()
         click.echo(_summary(trainer, record))

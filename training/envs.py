@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable
 
 import gymnasium as gym
@@ -26,6 +28,8 @@ def make_env(cfg: EnvConfig) -> gym.Env:
 def _instantiate(env_id: str) -> gym.Env:
     if ":" in env_id and not env_id.startswith(":"):
         module_name, _, class_name = env_id.partition(":")
+        if os.getcwd() not in sys.path:
+            sys.path.append(os.getcwd())  # a user's env module next to where they run the trainer
         try:
             module = importlib.import_module(module_name)
         except ImportError as err:

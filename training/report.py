@@ -55,14 +55,36 @@ def status_block(record: dict[str, Any]) -> str:
         f"  fitness       best {r['fitness_best']:.1f}  median {r['fitness_median']:.1f}  "
         f"worst {r['fitness_worst']:.1f}",
         f"  elite         slot {r['elite_slot']}  lineage {r['elite_lineage']}",
-        f"  memory        RSS {r['rss_mb']:,.0f} MB",
+        _memory_line(r),
+        _census_line(r),
+        "  leak sentinel " + (f"WARNING: steady growth in {', '.join(r['leak_warnings'])}"
+                              if r.get("leak_warnings") else "no steady growth"),
     ]
     if "cuda_allocated_mb" in r:
         lines.append(
             f"  cuda          allocated {r['cuda_allocated_mb']:,.0f} MB  reserved {r['cuda_reserved_mb']:,.0f} MB  "
             f"peak {r['cuda_peak_mb']:,.0f} MB  driver used {r['cuda_driver_used_mb']:,.0f} MB"
         )
-    return "\n".join(lines)
+        lines.append(
+            f"                small pool {r.get('cuda_small_pool_mb', 0):,.0f} MB  "
+            f"large pool {r.get('cuda_large_pool_mb', 0):,.0f} MB  "
+            f"alloc retries {r.get('cuda_alloc_retries', 0):,.0f}  "
+            f"pinned host {r.get('cuda_pinned_host_mb', 0):,.0f} MB"
+        )
+    return "\n".join([line for line in lines if line])
+
+
+def _memory_line(r: dict[str, Any]) -> str:
+    uss = f"  USS {r['uss_mb']:,.0f} MB" if "uss_mb" in r else ""
+    filled = f"  replay filled {r['replay_filled_mb']:,.0f} MB" if "replay_filled_mb" in r else ""
+    return f"  memory        RSS {r['rss_mb']:,.0f} MB{uss}{filled}"
+
+
+def _census_line(r: dict[str, Any]) -> str:
+    if "live_tensors" not in r:
+        return ""
+    return (f"  tensors       {r['live_tensors']:,.0f} live ({r['live_tensor_mb']:,.1f} MB), "
+            f"{r['grad_tensors']:,.0f} with a graph, evicted replay alive {r.get('evicted_alive_mb', 0):,.1f} MB")
 
 
 class MetricsLog:

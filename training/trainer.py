@@ -16,18 +16,24 @@ from agents import Batch, make_population
 from cloud import checkpoint as ckpt
 from cloud.storage import Storage
 from config import Config, UserError
+from training import oom
 from training.envs import EnvPool, make_env
 from training.evolution import Evolution
 from training.replay import ReplayBuffer
 from training.report import MetricsLog, ProgressBar, status_block
 from training.rollout import rollout
-from training.telemetry import memory_snapshot
+from training.sentinel import LeakSentinel, LeakWarning
+from training.telemetry import TelemetryHistory, memory_snapshot
 
 PHASE_EXPLORE, PHASE_EVALUATE = 0, 1
 
 
 class TrainingDiverged(UserError):
     """Every member's losses became non-finite."""
+
+
+class LeakStop(UserError):
+    """The leak sentinel confirmed steady growth and ``memory.stop_on_leak`` is set."""
 
 
 @dataclass
@@ -58,6 +64,15 @@ class Trainer:
                                    seed=seed + 1)
         self.evolution = Evolution(cfg.evolution, cfg.population, seed=seed + 2)
         self.counters = Counters()
+        m = cfg.memory
+        self.telemetry = TelemetryHistory()
+        self.sentinel = LeakSentinel(window=m.leak_window, min_slope_mb=m.leak_min_slope_mb, warmup=m.leak_warmup,
+                                     stop_on_leak=m.stop_on_leak,
+                                     cuda_available_mb=self._cuda_free_mb if device.type == "cuda" else None)
+        self.recording_cuda = False
+        self.cuda_history_pending = m.cuda_history
+        if m.inject_leak:
+            self.agent.leaked_losses = []
 
     # ------------------------------------------------------------ the algorithm
 
@@ -71,6 +86,7 @@ class Trainer:
     def run_generation(self, generation: int) -> dict[str, Any]:
         started = time.perf_counter()
         steps_before, updates_before = self.counters.env_steps, self.counters.updates
+        self._maybe_record_cuda_history()
         bar = ProgressBar(self._planned_work(), f"gen {generation + 1}/{self.cfg.train.generations}",
                           self.cfg.run.progress)
 
@@ -82,20 +98,30 @@ class Trainer:
         elite_lineage = self.evolution.lineage(elite)
         events = self.evolution.evolve(self.agent, fitness, generation)   # elites, selection, mutation
         bar.close()
+        gc.collect()                                     # end-of-generation hygiene, then measure
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
         elapsed = time.perf_counter() - started
         self.counters.generation = generation + 1
         self.counters.elapsed_s += elapsed
         self.counters.best_fitness.append(float(fitness[elite]))
+        memory = self.measure_memory(generation, stats)
+        warnings = self.sentinel.observe(generation, memory, elapsed)
         record = self._record(generation, fitness, elite, elite_lineage, elapsed,
-                              self.counters.env_steps - steps_before, self.counters.updates - updates_before)
+                              self.counters.env_steps - steps_before, self.counters.updates - updates_before,
+                              memory, warnings)
         self.log.write(record, {"fitness": fitness.tolist(), **stats, **self._hyperparameters()})
         self.log.write_events(events)
         print(status_block(record), flush=True)
+        for warning in warnings:
+            print(warning.message(), flush=True)
         self.save_checkpoint()
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        if self.recording_cuda:
+            self.dump_cuda_history(f"gen-{generation:06d}")
+        if self.sentinel.should_stop:
+            raise LeakStop(f"stopped after generation {generation + 1} (checkpointed): a memory leak was confirmed "
+                           f"in {', '.join(w.series for w in warnings)}; see the warning above")
         return record
 
     def explore(self, generation: int, bar: ProgressBar) -> None:
@@ -167,7 +193,7 @@ class Trainer:
         return {name: hp.tolist() for name, hp in self.agent.hyperparameters.items()}
 
     def _record(self, generation: int, fitness: np.ndarray, elite: int, lineage: str, elapsed: float,
-                env_steps: int, updates: int) -> dict[str, Any]:
+                env_steps: int, updates: int, memory: dict[str, float], warnings: list[LeakWarning]) -> dict[str, Any]:
         finite = fitness[np.isfinite(fitness)]
         c = self.counters
         return {
@@ -192,8 +218,43 @@ class Trainer:
             "elite_slot": elite,
             "elite_lineage": lineage,
             "mutation_scale": self.evolution.mutation_scale,
-            **memory_snapshot(self.device),
+            "leak_warnings": [w.series for w in warnings],
+            **memory,
         }
+
+    # ------------------------------------------------------------ memory
+
+    def measure_memory(self, generation: int, stats: dict[str, Any]) -> dict[str, float]:
+        """This generation's memory figures (see ``training.telemetry``), kept in the bounded
+        history the out-of-memory report reads."""
+        metric_items = sum(len(v) for v in stats.values()) + len(self.evolution.pending)
+        snapshot = memory_snapshot(self.device, self.replay, {"metric_items": metric_items},
+                                   census=self.cfg.memory.tensor_census, collect=False)
+        self.telemetry.append(generation, snapshot)
+        return snapshot
+
+    def out_of_memory_report(self, error: BaseException) -> str:
+        """The report printed before exiting on an out-of-memory error."""
+        if self.recording_cuda:
+            self.dump_cuda_history("out-of-memory")
+        return oom.format_report(error, self.telemetry.records(), self.device)
+
+    def _maybe_record_cuda_history(self) -> None:
+        """With ``memory.cuda_history``, record allocator history during this process's first generation."""
+        if self.cuda_history_pending:
+            self.cuda_history_pending = False
+            self.recording_cuda = oom.start_recording(self.device)
+
+    def dump_cuda_history(self, name: str) -> None:
+        path = oom.dump_snapshot(self.device, self.log.path.parent / "memory" / f"{name}.pickle")
+        oom.stop_recording(self.device)
+        self.recording_cuda = False
+        if path is not None:
+            print(f"CUDA allocator history: {path} (open it at https://pytorch.org/memory_viz)", flush=True)
+
+    def _cuda_free_mb(self) -> float:
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return free / 2**20
 
     # ------------------------------------------------------------ state, in one place
 
@@ -213,6 +274,8 @@ class Trainer:
             "replay": replay_meta,
             "replay_saved": self.cfg.run.save_replay,
             "rng_python": [py_state[0], list(py_state[1]), py_state[2]],
+            "telemetry": self.telemetry.state(),
+            "sentinel": self.sentinel.state(),
         }
         return ckpt.Checkpoint(tensors, arrays if self.cfg.run.save_replay else {}, meta)
 
@@ -230,6 +293,8 @@ class Trainer:
         version, internal, gauss = meta["rng_python"]
         random.setstate((version, tuple(internal), gauss))
         self.counters = Counters(**meta["counters"])
+        self.telemetry.load_state(meta["telemetry"])
+        self.sentinel.load_state(meta["sentinel"])
 
     def save_checkpoint(self) -> None:
         generation = self.counters.generation - 1

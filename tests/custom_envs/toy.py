@@ -81,3 +81,12 @@ class BrokenConstructorEnv(gym.Env):
 
     def __init__(self) -> None:
         raise RuntimeError("simulator license not found")
+
+
+class MemoryHogEnv(CounterEnv):
+    """Raises MemoryError after 250 steps, as a host allocation failing mid-run would."""
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        if self.total_steps >= 250:
+            raise MemoryError("simulated: cannot allocate 174 MiB")
+        return super().step(action)
