@@ -142,6 +142,9 @@ class RunConfig:
     """Seeds python, numpy, torch and the environments."""
     device: str = "auto"
     """``auto`` (cuda when available), ``cpu`` or ``cuda``/``cuda:N``."""
+    threads: int = 0
+    """Torch intra-op CPU threads; 0 keeps torch's default (one per core). Use 1 when several
+    trainers share a machine: spinning OpenMP threads then stall each other for seconds."""
     run_dir: str = "runs"
     """Folder that holds runs: logs, TensorBoard and checkpoints."""
     name: str = ""
@@ -231,6 +234,7 @@ class Config:
         _check(m.leak_window >= 4, "memory.leak_window must be >= 4")
         _check(m.leak_warmup >= 0, "memory.leak_warmup must be >= 0")
         _check(m.leak_min_slope_mb >= 0, "memory.leak_min_slope_mb must be >= 0")
+        _check(self.run.threads >= 0, "run.threads must be >= 0")
         _check(self.run.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
         return self
 

@@ -18,7 +18,7 @@ from training.trainer import Trainer
 
 RUN_FILE = "run.json"
 VERSION = 1
-RESUME_MAY_CHANGE = ("train.generations", "run.device", "run.progress", "run.tensorboard",
+RESUME_MAY_CHANGE = ("train.generations", "run.device", "run.threads", "run.progress", "run.tensorboard",
                      "run.keep_checkpoints", "run.run_dir", "run.name")
 """Keys a resumed run may change without changing what its checkpoint means (and ``memory.*``)."""
 
@@ -100,6 +100,8 @@ def _open_checked(run_dir: str, name: str) -> Storage:
 
 def _build(cfg: Config, name: str, storage: Storage) -> Trainer:
     device = resolve_device(cfg.run.device)
+    if cfg.run.threads > 0:
+        torch.set_num_threads(cfg.run.threads)
     make_env(cfg.env).close()  # an unknown or unsupported env fails before anything is written
     assert isinstance(storage, LocalStorage), "logs live in a local run folder"
     run_path = storage.root / name
