@@ -228,8 +228,10 @@ class Config:
                 bounds[0] <= getattr(a, hp) <= bounds[1],
                 f"agent.{hp}={getattr(a, hp)} is outside evolution.{hp}_bounds={bounds}",
             )
-        _check(self.run.device == "auto" or self.run.device.split(":")[0] in ("cpu", "cuda"),
-               f"run.device must be auto, cpu or cuda[:N], got {self.run.device!r}")
+        _check(
+            self.run.device == "auto" or self.run.device.split(":")[0] in ("cpu", "cuda"),
+            f"run.device must be auto, cpu or cuda[:N], got {self.run.device!r}",
+        )
         m = self.memory
         _check(m.leak_window >= 4, "memory.leak_window must be >= 4")
         _check(m.leak_warmup >= 0, "memory.leak_warmup must be >= 0")

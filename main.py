@@ -1,9 +1,9 @@
 """Command line: train a population (the default), resume a run, or list stored runs.
 
-    python main.py                         # the default preset (pendulum), local storage
-    python main.py --preset debug          # a few seconds
-    python main.py --resume                # continue the latest run in --run-dir
-    python main.py status                  # runs and generations stored in --run-dir
+python main.py                         # the default preset (pendulum), local storage
+python main.py --preset debug          # a few seconds
+python main.py --resume                # continue the latest run in --run-dir
+python main.py status                  # runs and generations stored in --run-dir
 """
 
 from __future__ import annotations
@@ -24,28 +24,61 @@ def _one_line_warning(message: Any, category: type[Warning], *_: Any, **__: Any)
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--preset", default=None, metavar="NAME",
-              help=f"Named config overlay: {', '.join(PRESETS)} (default: {DEFAULT_PRESET}).")
-@click.option("--config", "config_file", default=None, metavar="FILE.yaml",
-              help="YAML file of config sections, applied on top of the preset.")
-@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-              help="Override one config key, e.g. --set agent.actor_lr=1e-3 (repeatable).")
-@click.option("--env", "env_id", default=None, metavar="ID",
-              help="Gymnasium id (Pendulum-v1) or package.module:ClassName of your own env.")
+@click.option(
+    "--preset",
+    default=None,
+    metavar="NAME",
+    help=f"Named config overlay: {', '.join(PRESETS)} (default: {DEFAULT_PRESET}).",
+)
+@click.option(
+    "--config",
+    "config_file",
+    default=None,
+    metavar="FILE.yaml",
+    help="YAML file of config sections, applied on top of the preset.",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help="Override one config key, e.g. --set agent.actor_lr=1e-3 (repeatable).",
+)
+@click.option(
+    "--env",
+    "env_id",
+    default=None,
+    metavar="ID",
+    help="Gymnasium id (Pendulum-v1) or package.module:ClassName of your own env.",
+)
 @click.option("--population", type=int, default=None, metavar="N", help="Number of members.")
 @click.option("--generations", type=int, default=None, metavar="N", help="Generations to run (in total).")
 @click.option("--seed", type=int, default=None, help="Seed for everything (same seed, same run on CPU).")
 @click.option("--device", default=None, metavar="auto|cpu|cuda", help="Where the networks run.")
-@click.option("--run-dir", default=None, metavar="PATH",
-              help="Folder of runs: logs, TensorBoard and checkpoints (default: runs).")
+@click.option(
+    "--run-dir", default=None, metavar="PATH", help="Folder of runs: logs, TensorBoard and checkpoints (default: runs)."
+)
 @click.option("--name", default=None, help="Run name (default: env, seed and time).")
-@click.option("--resume", is_flag=True,
-              help="Continue the latest run in --run-dir (or --name) from its newest checkpoint.")
+@click.option(
+    "--resume", is_flag=True, help="Continue the latest run in --run-dir (or --name) from its newest checkpoint."
+)
 @click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")
 @click.pass_context
-def cli(ctx: click.Context, preset: str | None, config_file: str | None, overrides: tuple[str, ...],
-        env_id: str | None, population: int | None, generations: int | None, seed: int | None,
-        device: str | None, run_dir: str | None, name: str | None, resume: bool, print_config: bool) -> None:
+def cli(
+    ctx: click.Context,
+    preset: str | None,
+    config_file: str | None,
+    overrides: tuple[str, ...],
+    env_id: str | None,
+    population: int | None,
+    generations: int | None,
+    seed: int | None,
+    device: str | None,
+    run_dir: str | None,
+    name: str | None,
+    resume: bool,
+    print_config: bool,
+) -> None:
     """Evolve a population of actor-critic agents that learn from one shared replay buffer.
 
     Every generation ends with a checkpoint in the run folder; --resume continues from it.
@@ -53,18 +86,28 @@ def cli(ctx: click.Context, preset: str | None, config_file: str | None, overrid
     if ctx.invoked_subcommand is not None:
         return
     warnings.formatwarning = _one_line_warning  # type: ignore[assignment]
-    extra = {key: value for key, value in {
-        "env.id": env_id, "population": population, "train.generations": generations, "run.seed": seed,
-        "run.device": device, "run.run_dir": run_dir, "run.name": name,
-    }.items() if value is not None}
+    extra = {
+        key: value
+        for key, value in {
+            "env.id": env_id,
+            "population": population,
+            "train.generations": generations,
+            "run.seed": seed,
+            "run.device": device,
+            "run.run_dir": run_dir,
+            "run.name": name,
+        }.items()
+        if value is not None
+    }
     with _user_errors():
         if resume:
             if preset is not None:
                 raise UserError("--preset cannot be combined with --resume: a resumed run keeps its config")
             from training import runs  # imports torch: only after the cheap checks
 
-            trainer = runs.resume(run_dir or "runs", name or "",
-                                  {"config_file": config_file, "overrides": overrides, "extra": extra})
+            trainer = runs.resume(
+                run_dir or "runs", name or "", {"config_file": config_file, "overrides": overrides, "extra": extra}
+            )
         else:
             cfg = build_config(preset or DEFAULT_PRESET, config_file, overrides, extra)
             if print_config:
@@ -83,8 +126,11 @@ def cli(ctx: click.Context, preset: str | None, config_file: str | None, overrid
             if not is_out_of_memory(err):
                 raise
             click.echo(trainer.out_of_memory_report(err), err=True)
-            click.echo(f"out of memory: generation {trainer.counters.generation} is the last checkpoint; "
-                       "continue with: python main.py --resume", err=True)
+            click.echo(
+                f"out of memory: generation {trainer.counters.generation} is the last checkpoint; "
+                "continue with: python main.py --resume",
+                err=True,
+            )
             sys.exit(3)
         finally:
             trainer.close()
@@ -128,8 +174,10 @@ def _user_errors() -> Iterator[None]:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        click.echo("\ninterrupted: the last finished generation is checkpointed; "
-                   "continue with: python main.py --resume", err=True)
+        click.echo(
+            "\ninterrupted: the last finished generation is checkpointed; continue with: python main.py --resume",
+            err=True,
+        )
         sys.exit(130)
 
 

@@ -17,8 +17,9 @@ ALGORITHMS: dict[str, AgentFactory] = {"td3": TD3Population}
 """Actor-critic variants by name; a new one subclasses PopulationAgent and registers here."""
 
 
-def make_population(population: int, obs_dim: int, act_dim: int, cfg: AgentConfig,
-                    device: torch.device) -> PopulationAgent:
+def make_population(
+    population: int, obs_dim: int, act_dim: int, cfg: AgentConfig, device: torch.device
+) -> PopulationAgent:
     """Build ``population`` members of ``cfg.algorithm`` on ``device``."""
     if cfg.algorithm not in ALGORITHMS:
         raise UserError(f"unknown agent.algorithm {cfg.algorithm!r}; choose one of: {', '.join(ALGORITHMS)}")

@@ -90,7 +90,6 @@ class PopulationAgent(nn.Module, ABC):
         for name, tensor in own.items():
             if tensors[name].shape != tensor.shape:
                 raise ValueError(
-                    f"member tensor {name!r} has shape {tuple(tensors[name].shape)}, "
-                    f"expected {tuple(tensor.shape)}"
+                    f"member tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {tuple(tensor.shape)}"
                 )
             tensor.copy_(tensors[name])

@@ -32,10 +32,10 @@ class TD3Population(PopulationAgent):
             name: torch.full((population,), float(getattr(cfg, name)), device=device) for name in HYPERPARAMETERS
         }
         critic_params = [*self.critic1.parameters(), *self.critic2.parameters()]
-        self.actor_opt = BatchedAdam(list(self.actor.parameters()), self.hyperparameters["actor_lr"],
-                                     max_grad_norm=cfg.max_grad_norm)
-        self.critic_opt = BatchedAdam(critic_params, self.hyperparameters["critic_lr"],
-                                      max_grad_norm=cfg.max_grad_norm)
+        self.actor_opt = BatchedAdam(
+            list(self.actor.parameters()), self.hyperparameters["actor_lr"], max_grad_norm=cfg.max_grad_norm
+        )
+        self.critic_opt = BatchedAdam(critic_params, self.hyperparameters["critic_lr"], max_grad_norm=cfg.max_grad_norm)
         self.critic_updates = 0
 
     # ------------------------------------------------------------ acting
@@ -104,8 +104,9 @@ class TD3Population(PopulationAgent):
     @torch.no_grad()
     def _td_target(self, batch: Batch) -> Tensor:
         """Clipped double-Q target with target policy smoothing, ``(P, B)``."""
-        noise = (torch.randn_like(batch.action) * self.cfg.policy_noise).clamp(-self.cfg.noise_clip,
-                                                                               self.cfg.noise_clip)
+        noise = (torch.randn_like(batch.action) * self.cfg.policy_noise).clamp(
+            -self.cfg.noise_clip, self.cfg.noise_clip
+        )
         next_action = (torch.tanh(self.actor_target(batch.next_obs)) + noise).clamp(-1.0, 1.0)
         sa = torch.cat([batch.next_obs, next_action], dim=-1)
         next_q = torch.min(self.critic1_target(sa), self.critic2_target(sa)).squeeze(-1)
@@ -115,8 +116,11 @@ class TD3Population(PopulationAgent):
     @torch.no_grad()
     def _update_targets(self) -> None:
         tau = self.hyperparameters["tau"]
-        pairs = [(self.actor, self.actor_target), (self.critic1, self.critic1_target),
-                 (self.critic2, self.critic2_target)]
+        pairs = [
+            (self.actor, self.actor_target),
+            (self.critic1, self.critic1_target),
+            (self.critic2, self.critic2_target),
+        ]
         for online, target in pairs:
             for p, t in zip(online.parameters(), target.parameters(), strict=True):
                 t.lerp_(p, per_member(tau, t))

@@ -49,15 +49,27 @@ def run_seed(cfg: Config, threshold: float, episodes: int) -> dict[str, object]:
             record = trainer.run_generation(generation)
             measured = held_out_return(trainer, record["elite_slot"], episodes, cfg.run.seed)
             curve.append((record["env_steps_total"], record["fitness_best"], measured))
-            print(f"seed {cfg.run.seed} gen {generation + 1}: env steps {record['env_steps_total']:,} "
-                  f"fitness {record['fitness_best']:.1f} elite held-out {measured:.1f}", flush=True)
+            print(
+                f"seed {cfg.run.seed} gen {generation + 1}: env steps {record['env_steps_total']:,} "
+                f"fitness {record['fitness_best']:.1f} elite held-out {measured:.1f}",
+                flush=True,
+            )
             if reached is None and measured >= threshold:
-                reached = {"generation": generation + 1, "env_steps": record["env_steps_total"],
-                           "wall_s": time.perf_counter() - started, "held_out": measured}
+                reached = {
+                    "generation": generation + 1,
+                    "env_steps": record["env_steps_total"],
+                    "wall_s": time.perf_counter() - started,
+                    "held_out": measured,
+                }
     finally:
         trainer.close()
-    return {"seed": cfg.run.seed, "reached": reached, "curve": curve,
-            "wall_s": time.perf_counter() - started, "final_held_out": curve[-1][2]}
+    return {
+        "seed": cfg.run.seed,
+        "reached": reached,
+        "curve": curve,
+        "wall_s": time.perf_counter() - started,
+        "final_held_out": curve[-1][2],
+    }
 
 
 def main() -> None:
@@ -74,8 +86,13 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as run_dir:
         for seed in args.seeds:
-            extra = {"run.seed": seed, "run.run_dir": run_dir, "run.name": f"seed{seed}", "run.progress": False,
-                     "run.tensorboard": False}
+            extra = {
+                "run.seed": seed,
+                "run.run_dir": run_dir,
+                "run.name": f"seed{seed}",
+                "run.progress": False,
+                "run.tensorboard": False,
+            }
             cfg = build_config(args.preset, overrides=args.overrides, extra=extra)
             results.append(run_seed(cfg, args.threshold, args.episodes))
 
@@ -83,11 +100,15 @@ def main() -> None:
     for r in results:
         hit = r["reached"]
         steps = f"{hit['env_steps']:,}" if hit else "not reached"
-        print(f"{r['seed']:>4} {steps:>21} {hit['generation'] if hit else '-':>10} "
-              f"{hit['wall_s'] if hit else r['wall_s']:>7.0f} {r['final_held_out']:>15.1f}")
+        print(
+            f"{r['seed']:>4} {steps:>21} {hit['generation'] if hit else '-':>10} "
+            f"{hit['wall_s'] if hit else r['wall_s']:>7.0f} {r['final_held_out']:>15.1f}"
+        )
     ok = sum(1 for r in results if r["reached"] and r["reached"]["env_steps"] <= args.budget)
-    print(f"RESULT learning {args.preset}: elite held-out mean >= {args.threshold:g} within "
-          f"{args.budget:,} env steps for {ok} of {len(results)} seeds")
+    print(
+        f"RESULT learning {args.preset}: elite held-out mean >= {args.threshold:g} within "
+        f"{args.budget:,} env steps for {ok} of {len(results)} seeds"
+    )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

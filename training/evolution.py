@@ -108,8 +108,16 @@ class Evolution:
 
     # ------------------------------------------------------------ lineage
 
-    def _record(self, generation: int, child: int, parent: int, second: int | None, fitness: np.ndarray,
-                change: str, agent: PopulationAgent) -> dict[str, Any]:
+    def _record(
+        self,
+        generation: int,
+        child: int,
+        parent: int,
+        second: int | None,
+        fitness: np.ndarray,
+        change: str,
+        agent: PopulationAgent,
+    ) -> dict[str, Any]:
         parent_id = self.member_ids[parent]
         self.ancestry[child] = ([*self.ancestry[parent], parent_id])[-ANCESTRY_KEPT:]
         self.member_ids[child] = self.next_id

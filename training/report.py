@@ -57,8 +57,12 @@ def status_block(record: dict[str, Any]) -> str:
         f"  elite         slot {r['elite_slot']}  lineage {r['elite_lineage']}",
         _memory_line(r),
         _census_line(r),
-        "  leak sentinel " + (f"WARNING: steady growth in {', '.join(r['leak_warnings'])}"
-                              if r.get("leak_warnings") else "no steady growth"),
+        "  leak sentinel "
+        + (
+            f"WARNING: steady growth in {', '.join(r['leak_warnings'])}"
+            if r.get("leak_warnings")
+            else "no steady growth"
+        ),
     ]
     if "cuda_allocated_mb" in r:
         lines.append(
@@ -83,8 +87,10 @@ def _memory_line(r: dict[str, Any]) -> str:
 def _census_line(r: dict[str, Any]) -> str:
     if "live_tensors" not in r:
         return ""
-    return (f"  tensors       {r['live_tensors']:,.0f} live ({r['live_tensor_mb']:,.1f} MB), "
-            f"{r['grad_tensors']:,.0f} with a graph, evicted replay alive {r.get('evicted_alive_mb', 0):,.1f} MB")
+    return (
+        f"  tensors       {r['live_tensors']:,.0f} live ({r['live_tensor_mb']:,.1f} MB), "
+        f"{r['grad_tensors']:,.0f} with a graph, evicted replay alive {r.get('evicted_alive_mb', 0):,.1f} MB"
+    )
 
 
 class MetricsLog:
@@ -130,8 +136,11 @@ class MetricsLog:
         """Drop records past ``generation`` (a resume runs the generations after it again)."""
         for path in (self.path, self.lineage_path):
             if path.exists():
-                kept = [line for line in path.read_text().splitlines()
-                        if line.strip() and json.loads(line)["generation"] <= generation]
+                kept = [
+                    line
+                    for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["generation"] <= generation
+                ]
                 path.write_text("".join(line + "\n" for line in kept))
 
     def close(self) -> None:

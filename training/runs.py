@@ -18,8 +18,16 @@ from training.trainer import Trainer
 
 RUN_FILE = "run.json"
 VERSION = 1
-RESUME_MAY_CHANGE = ("train.generations", "run.device", "run.threads", "run.progress", "run.tensorboard",
-                     "run.keep_checkpoints", "run.run_dir", "run.name")
+RESUME_MAY_CHANGE = (
+    "train.generations",
+    "run.device",
+    "run.threads",
+    "run.progress",
+    "run.tensorboard",
+    "run.keep_checkpoints",
+    "run.run_dir",
+    "run.name",
+)
 """Keys a resumed run may change without changing what its checkpoint means (and ``memory.*``)."""
 
 
@@ -74,11 +82,16 @@ def resume(run_dir: str, name: str, overrides: dict[str, Any]) -> Trainer:
     if saved.get("version") != VERSION:
         raise UserError(f"run {name!r} was written by an incompatible version ({saved.get('version')})")
     cfg = build_config(base=saved["config"], **overrides)
-    changed = [k for k in changed_keys(saved["config"], cfg.to_dict())
-               if k not in RESUME_MAY_CHANGE and not k.startswith("memory.")]
+    changed = [
+        k
+        for k in changed_keys(saved["config"], cfg.to_dict())
+        if k not in RESUME_MAY_CHANGE and not k.startswith("memory.")
+    ]
     if changed:
-        raise UserError(f"cannot resume run {name!r} with a changed config: {', '.join(changed)} "
-                        f"(a resume may change only {', '.join(RESUME_MAY_CHANGE)})")
+        raise UserError(
+            f"cannot resume run {name!r} with a changed config: {', '.join(changed)} "
+            f"(a resume may change only {', '.join(RESUME_MAY_CHANGE)})"
+        )
     generation, state, rejected = ckpt.load_latest(storage, name)
     for line in rejected:
         print(f"warning: {line}")
@@ -87,8 +100,7 @@ def resume(run_dir: str, name: str, overrides: dict[str, Any]) -> Trainer:
     trainer = _build(cfg, name, storage)
     trainer.restore(state)
     trainer.log.truncate_after(generation)
-    print(f"resuming run {name!r} after generation {generation + 1} "
-          f"({trainer.counters.env_steps:,} env steps so far)")
+    print(f"resuming run {name!r} after generation {generation + 1} ({trainer.counters.env_steps:,} env steps so far)")
     return trainer
 
 

@@ -60,15 +60,20 @@ class Trainer:
         self.population = cfg.population
         self.pool = EnvPool(lambda: make_env(cfg.env), cfg.population * cfg.env.envs_per_member)
         self.agent = make_population(cfg.population, self.pool.obs_dim, self.pool.act_dim, cfg.agent, device)
-        self.replay = ReplayBuffer(cfg.replay.capacity, len(self.pool), self.pool.obs_dim, self.pool.act_dim,
-                                   seed=seed + 1)
+        self.replay = ReplayBuffer(
+            cfg.replay.capacity, len(self.pool), self.pool.obs_dim, self.pool.act_dim, seed=seed + 1
+        )
         self.evolution = Evolution(cfg.evolution, cfg.population, seed=seed + 2)
         self.counters = Counters()
         m = cfg.memory
         self.telemetry = TelemetryHistory()
-        self.sentinel = LeakSentinel(window=m.leak_window, min_slope_mb=m.leak_min_slope_mb, warmup=m.leak_warmup,
-                                     stop_on_leak=m.stop_on_leak,
-                                     cuda_available_mb=self._cuda_free_mb if device.type == "cuda" else None)
+        self.sentinel = LeakSentinel(
+            window=m.leak_window,
+            min_slope_mb=m.leak_min_slope_mb,
+            warmup=m.leak_warmup,
+            stop_on_leak=m.stop_on_leak,
+            cuda_available_mb=self._cuda_free_mb if device.type == "cuda" else None,
+        )
         self.recording_cuda = False
         self.cuda_history_pending = m.cuda_history
         if m.inject_leak:
@@ -84,54 +89,80 @@ class Trainer:
         return record
 
     def run_generation(self, generation: int) -> dict[str, Any]:
+        """One generation of the algorithm; returns its record (also logged and printed)."""
         started = time.perf_counter()
-        steps_before, updates_before = self.counters.env_steps, self.counters.updates
+        done_before = (self.counters.env_steps, self.counters.updates)
         self._maybe_record_cuda_history()
-        bar = ProgressBar(self._planned_work(), f"gen {generation + 1}/{self.cfg.train.generations}",
-                          self.cfg.run.progress)
+        bar = ProgressBar(
+            self._planned_work(), f"gen {generation + 1}/{self.cfg.train.generations}", self.cfg.run.progress
+        )
 
-        self.explore(generation, bar)                    # noisy actions -> replay, no graph
-        stats = self.learn(bar)                          # K-micro-batch optimizer steps, floats only
-        fitness = self.evaluate(generation, bar)         # noise-free episodes -> fitness (and replay)
+        self.explore(generation, bar)  # noisy actions -> replay, no graph
+        stats = self.learn(bar)  # optimizer steps of K micro-batches each; floats only
+        fitness = self.evaluate(generation, bar)  # noise-free episodes -> fitness (and replay)
         fitness[~np.isfinite(fitness) | stats.pop("diverged")] = -np.inf
         elite = int(np.argmax(fitness))
-        elite_lineage = self.evolution.lineage(elite)
-        events = self.evolution.evolve(self.agent, fitness, generation)   # elites, selection, mutation
+        elite_lineage = self.evolution.lineage(elite)  # before evolution renames replaced slots
+        events = self.evolution.evolve(self.agent, fitness, generation)  # elites, selection, mutation
         bar.close()
-        gc.collect()                                     # end-of-generation hygiene, then measure
+        gc.collect()  # end-of-generation hygiene, then measure memory
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+        record, warnings = self.report(generation, started, done_before, fitness, elite, elite_lineage, stats, events)
+        self.save_checkpoint()
+        if self.recording_cuda:
+            self.dump_cuda_history(f"gen-{generation:06d}")
+        if self.sentinel.should_stop:
+            raise LeakStop(
+                f"stopped after generation {generation + 1} (checkpointed): a memory leak was confirmed "
+                f"in {', '.join(w.series for w in warnings)}; see the warning above"
+            )
+        return record
+
+    def report(
+        self,
+        generation: int,
+        started: float,
+        done_before: tuple[int, int],
+        fitness: np.ndarray,
+        elite: int,
+        elite_lineage: str,
+        stats: dict[str, Any],
+        events: list[dict[str, Any]],
+    ) -> tuple[dict[str, Any], list[LeakWarning]]:
+        """Update counters, measure memory, ask the sentinel, then log and print the generation."""
         elapsed = time.perf_counter() - started
         self.counters.generation = generation + 1
         self.counters.elapsed_s += elapsed
         self.counters.best_fitness.append(float(fitness[elite]))
         memory = self.measure_memory(generation, stats)
         warnings = self.sentinel.observe(generation, memory, elapsed)
-        record = self._record(generation, fitness, elite, elite_lineage, elapsed,
-                              self.counters.env_steps - steps_before, self.counters.updates - updates_before,
-                              memory, warnings)
+        env_steps = self.counters.env_steps - done_before[0]
+        updates = self.counters.updates - done_before[1]
+        record = self._record(generation, fitness, elite, elite_lineage, elapsed, env_steps, updates, memory, warnings)
         self.log.write(record, {"fitness": fitness.tolist(), **stats, **self._hyperparameters()})
         self.log.write_events(events)
         print(status_block(record), flush=True)
         for warning in warnings:
             print(warning.message(), flush=True)
-        self.save_checkpoint()
-        if self.recording_cuda:
-            self.dump_cuda_history(f"gen-{generation:06d}")
-        if self.sentinel.should_stop:
-            raise LeakStop(f"stopped after generation {generation + 1} (checkpointed): a memory leak was confirmed "
-                           f"in {', '.join(w.series for w in warnings)}; see the warning above")
-        return record
+        return record, warnings
 
     def explore(self, generation: int, bar: ProgressBar) -> None:
         steps = self.cfg.train.steps_per_generation
         if steps == 0:
             return
         warming_up = len(self.replay) < self.cfg.train.warmup_steps
-        result = rollout(self.agent, self.pool, self.replay, self._seeds(generation, PHASE_EXPLORE),
-                         explore=True, steps=steps, random_actions=warming_up,
-                         on_step=lambda _: bar.advance(1, "explore"))
+        result = rollout(
+            self.agent,
+            self.pool,
+            self.replay,
+            self._seeds(generation, PHASE_EXPLORE),
+            explore=True,
+            steps=steps,
+            random_actions=warming_up,
+            on_step=lambda _: bar.advance(1, "explore"),
+        )
         self.counters.env_steps += result.env_steps
 
     def learn(self, bar: ProgressBar) -> dict[str, Any]:
@@ -153,8 +184,10 @@ class Trainer:
         for values in stats.values():
             diverged |= ~np.isfinite(values)
         if diverged.all():
-            raise TrainingDiverged("every member's losses became non-finite (NaN/inf); "
-                                   "lower the learning rates or check the environment's rewards")
+            raise TrainingDiverged(
+                "every member's losses became non-finite (NaN/inf); "
+                "lower the learning rates or check the environment's rewards"
+            )
         stats["diverged"] = diverged
         return stats
 
@@ -162,9 +195,15 @@ class Trainer:
         """Fitness ``(P,)``: mean return of noise-free episodes per member."""
         per_stream = -(-self.cfg.train.eval_episodes // self.cfg.env.envs_per_member)
         replay = self.replay if self.cfg.train.eval_to_replay else None
-        result = rollout(self.agent, self.pool, replay, self._seeds(generation, PHASE_EVALUATE),
-                         explore=False, episodes_per_stream=per_stream,
-                         on_step=lambda _: bar.advance(1, "evaluate"))
+        result = rollout(
+            self.agent,
+            self.pool,
+            replay,
+            self._seeds(generation, PHASE_EVALUATE),
+            explore=False,
+            episodes_per_stream=per_stream,
+            on_step=lambda _: bar.advance(1, "evaluate"),
+        )
         self.counters.env_steps += result.env_steps
         return result.member_fitness(self.population, per_stream)
 
@@ -172,8 +211,12 @@ class Trainer:
 
     def _sample(self) -> Batch:
         arrays = self.replay.sample(self.population, self.cfg.agent.batch_size)
-        return Batch(*(torch.as_tensor(arrays[name], dtype=torch.float32, device=self.device)
-                       for name in ("obs", "action", "reward", "next_obs", "terminated")))
+        return Batch(
+            *(
+                torch.as_tensor(arrays[name], dtype=torch.float32, device=self.device)
+                for name in ("obs", "action", "reward", "next_obs", "terminated")
+            )
+        )
 
     def _seeds(self, generation: int, phase: int) -> np.ndarray:
         """Environment reset seeds: a pure function of (seed, generation, phase), so a resumed
@@ -192,8 +235,18 @@ class Trainer:
     def _hyperparameters(self) -> dict[str, list[float]]:
         return {name: hp.tolist() for name, hp in self.agent.hyperparameters.items()}
 
-    def _record(self, generation: int, fitness: np.ndarray, elite: int, lineage: str, elapsed: float,
-                env_steps: int, updates: int, memory: dict[str, float], warnings: list[LeakWarning]) -> dict[str, Any]:
+    def _record(
+        self,
+        generation: int,
+        fitness: np.ndarray,
+        elite: int,
+        lineage: str,
+        elapsed: float,
+        env_steps: int,
+        updates: int,
+        memory: dict[str, float],
+        warnings: list[LeakWarning],
+    ) -> dict[str, Any]:
         finite = fitness[np.isfinite(fitness)]
         c = self.counters
         return {
@@ -228,8 +281,13 @@ class Trainer:
         """This generation's memory figures (see ``training.telemetry``), kept in the bounded
         history the out-of-memory report reads."""
         metric_items = sum(len(v) for v in stats.values()) + len(self.evolution.pending)
-        snapshot = memory_snapshot(self.device, self.replay, {"metric_items": metric_items},
-                                   census=self.cfg.memory.tensor_census, collect=False)
+        snapshot = memory_snapshot(
+            self.device,
+            self.replay,
+            {"metric_items": metric_items},
+            census=self.cfg.memory.tensor_census,
+            collect=False,
+        )
         self.telemetry.append(generation, snapshot)
         return snapshot
 
@@ -281,7 +339,7 @@ class Trainer:
 
     def restore(self, state: ckpt.Checkpoint) -> None:
         meta = state.meta
-        agent_tensors = {name[len("agent."):]: t for name, t in state.tensors.items() if name.startswith("agent.")}
+        agent_tensors = {name[len("agent.") :]: t for name, t in state.tensors.items() if name.startswith("agent.")}
         self.agent.load_member_tensors(agent_tensors)
         self.agent.load_extra_state(meta["agent"])
         torch.set_rng_state(state.tensors["rng.torch"])

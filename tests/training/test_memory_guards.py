@@ -19,8 +19,14 @@ GENERATIONS = 30
 
 
 def _memory_config(tiny_config: Callable[..., Config], inject: bool) -> Config:
-    return tiny_config({"train.generations": GENERATIONS, "memory.leak_window": 8,
-                        "memory.inject_leak": inject, "memory.stop_on_leak": True})
+    return tiny_config(
+        {
+            "train.generations": GENERATIONS,
+            "memory.leak_window": 8,
+            "memory.inject_leak": inject,
+            "memory.stop_on_leak": True,
+        }
+    )
 
 
 def test_injected_loss_graph_leak_is_caught_and_the_run_stops_after_a_checkpoint(tiny_config) -> None:
@@ -50,16 +56,34 @@ def test_generation_record_carries_memory_telemetry(tiny_config) -> None:
     trainer = runs.start(tiny_config({"train.generations": 1}))
     with contextlib.redirect_stdout(io.StringIO()) as out:
         record = trainer.train()
-    for key in ("rss_mb", "replay_filled_mb", "live_tensors", "live_tensor_mb", "grad_tensors", "evicted_alive_mb",
-                "metric_items", "leak_warnings"):
+    for key in (
+        "rss_mb",
+        "replay_filled_mb",
+        "live_tensors",
+        "live_tensor_mb",
+        "grad_tensors",
+        "evicted_alive_mb",
+        "metric_items",
+        "leak_warnings",
+    ):
         assert key in record, key
     assert record["replay_filled_mb"] > 0
     assert "leak sentinel" in out.getvalue() and "with a graph" in out.getvalue()
 
 
 def test_out_of_memory_prints_the_report_and_exits_non_zero(run_cli, tmp_path: Path) -> None:
-    result = run_cli("--preset", "debug", "--run-dir", str(tmp_path / "runs"), "--env", "custom_envs.toy:MemoryHogEnv",
-                     "--generations", "5", "--set", "run.tensorboard=false")
+    result = run_cli(
+        "--preset",
+        "debug",
+        "--run-dir",
+        str(tmp_path / "runs"),
+        "--env",
+        "custom_envs.toy:MemoryHogEnv",
+        "--generations",
+        "5",
+        "--set",
+        "run.tensorboard=false",
+    )
     assert result.returncode == 3, result.stderr
     assert "Traceback" not in result.stderr
     assert "cannot allocate 174 MiB" in result.stderr

@@ -181,3 +181,15 @@ def test_held_samples_do_not_keep_evicted_storage_alive() -> None:
     gc.collect()
     assert all(ref() is None for ref in storage), "a held sample keeps the old storage alive"
     assert len(samples) == 20 and samples[0]["obs"].shape == (4, 16, OBS)
+
+
+def test_a_buffer_larger_than_available_ram_gets_a_clear_warning() -> None:
+    from training.replay import _warn_if_too_large
+
+    with pytest.warns(UserWarning, match=r"replay buffer needs .* GiB .* lower replay.capacity"):
+        _warn_if_too_large(2**50)
+
+
+def test_a_small_buffer_gets_no_warning(recwarn: pytest.WarningsRecorder) -> None:
+    ReplayBuffer(capacity=1000, streams=4, obs_dim=3, act_dim=1, seed=0)
+    assert not [w for w in recwarn if "replay buffer needs" in str(w.message)]
