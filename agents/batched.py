@@ -32,9 +32,10 @@ class BatchedLinear(nn.Module):
             self.bias[i].uniform_(-bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.weight.shape[2] == 1:
-            # A (B, in) @ (in, 1) product per member is a slow batched-matmul shape on CPU;
-            # a broadcast multiply and a sum do the same arithmetic several times faster.
+        if self.weight.shape[2] == 1 and x.shape[1] >= 32:
+            # A (B, in) @ (in, 1) product per member is a slow batched-matmul shape on CPU for
+            # training batches; a broadcast multiply and a sum do the same arithmetic several times
+            # faster. For a few rows (acting) one baddbmm call is cheaper than three.
             return (x * self.weight.transpose(1, 2)).sum(-1, keepdim=True) + self.bias
         return torch.baddbmm(self.bias, x, self.weight)
 

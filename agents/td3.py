@@ -42,10 +42,10 @@ class TD3Population(PopulationAgent):
 
     @torch.no_grad()
     def act(self, obs: Tensor, explore: bool) -> Tensor:
-        action = torch.tanh(self.actor(obs))
+        action = self.actor(obs).tanh_()
         if explore:
-            noise = torch.randn_like(action) * per_member(self.hyperparameters["exploration_noise"], action)
-            action = (action + noise).clamp(-1.0, 1.0)
+            noise = torch.randn_like(action).mul_(per_member(self.hyperparameters["exploration_noise"], action))
+            action.add_(noise).clamp_(-1.0, 1.0)
         return action
 
     # ------------------------------------------------------------ learning
