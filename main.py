@@ -158,8 +158,10 @@ def _summary(trainer: Any, record: dict[str, Any]) -> str:
         return f"nothing to do: run {trainer.run_name!r} already finished {c.generation} generations"
     return (
         f"done: {c.generation} generations, {c.env_steps:,} env steps, {c.updates:,} optimizer steps "
-        f"in {c.elapsed_s / 60:.1f} min; best fitness {max(c.best_fitness):.1f} "
-        f"(last generation {record['fitness_best']:.1f})\n"
+        f"in {c.elapsed_s / 60:.1f} min\n"
+        f"last generation's fitness: best {record['fitness_best']:.1f}, median {record['fitness_median']:.1f} "
+        f"(mean return of {trainer.cfg.train.eval_episodes} noise-free episode(s) per member; the best of "
+        f"{trainer.population} members is an optimistic estimate of the elite's return)\n"
         f"run folder: {trainer.log.path.parent}  "
         f"(continue with: python main.py --resume --name {trainer.run_name} --generations {c.generation * 2})"
     )
