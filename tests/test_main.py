@@ -178,6 +178,7 @@ def invoke(*args: str) -> Result:
         (["--env", "no_such_module:Env"], ["no_such_module"]),
         (["--set", "agent.algorithm=nope"], ["agent.algorithm"]),
         (["--env", "custom_envs.toy:BrokenConstructorEnv"], ["cannot construct", "simulator license not found"]),
+        (["--env", "custom_envs.toy:NaNEnv"], ["non-finite observation", "NaNEnv"]),
     ],
 )
 def test_more_bad_input_in_process(custom_envs: str, tmp_path: Path, args: list[str], expected: list[str]) -> None:

@@ -113,7 +113,9 @@ class EnvPool:
                 obs, _ = env.reset()
             self.obs[e] = obs
         if not np.all(np.isfinite(next_obs)) or not np.all(np.isfinite(reward)):
-            raise FloatingPointError("environment returned a non-finite observation or reward")
+            spec = self.envs[0].spec
+            name = spec.id if spec is not None else type(self.envs[0].unwrapped).__name__
+            raise UserError(f"env {name!r} returned a non-finite observation or reward (NaN or inf)")
         return next_obs, reward, terminated, truncated
 
     def close(self) -> None:

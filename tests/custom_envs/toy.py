@@ -90,3 +90,13 @@ class MemoryHogEnv(CounterEnv):
         if self.total_steps >= 250:
             raise MemoryError("simulated: cannot allocate 174 MiB")
         return super().step(action)
+
+
+class NaNEnv(CounterEnv):
+    """Returns a NaN observation on its third step."""
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        obs, reward, terminated, truncated, info = super().step(action)
+        if self.total_steps >= 3:
+            obs = np.full_like(obs, np.nan)
+        return obs, reward, terminated, truncated, info
