@@ -49,13 +49,17 @@ class LocalStorage(Storage):
 
     def write(self, key: str, data: bytes) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tmp.open("wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as err:  # a full disk, a quota, a read-only mount, ...
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"cannot write to {path}: {err.strerror or err}") from None
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

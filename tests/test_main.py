@@ -234,3 +234,28 @@ def test_file_uri_run_dir_keeps_logs_and_checkpoints_together(tmp_path: Path) ->
 
 def test_numeric_run_name_from_set_is_a_string(tmp_path: Path) -> None:
     assert build_config("debug", overrides=["run.name=123"]).run.name == "123"
+
+
+def test_a_failed_checkpoint_write_is_one_error_line_and_leaves_no_partial_file(tmp_path: Path) -> None:
+    """A real OS write failure (a file-size limit, as a full disk would be), not a mock."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (30_000, 30_000))
+
+    run_dir = tmp_path / "runs"
+    result = subprocess.run(
+        [sys.executable, "main.py", *tiny_args(run_dir)],
+        cwd=Path(__file__).resolve().parents[1],
+        preexec_fn=limit_file_size,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert_one_line_user_error(result, "checkpoint of generation 1 not written", "File too large")
+    assert not list(run_dir.rglob("*.tmp-*"))
+    assert not list(run_dir.rglob("MANIFEST.json"))

@@ -14,7 +14,7 @@ import torch
 
 from agents import Batch, make_population
 from cloud import checkpoint as ckpt
-from cloud.storage import Storage
+from cloud.storage import Storage, StorageError
 from config import Config, UserError
 from training import oom
 from training.envs import EnvPool, make_env
@@ -356,7 +356,13 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         generation = self.counters.generation - 1
-        ckpt.save(self.storage, self.run_name, generation, self.state())
+        try:
+            ckpt.save(self.storage, self.run_name, generation, self.state())
+        except StorageError as err:
+            previous = f"generation {generation}" if generation > 0 else "none yet"
+            raise StorageError(
+                f"checkpoint of generation {generation + 1} not written ({err}); last complete checkpoint: {previous}"
+            ) from None
         ckpt.prune(self.storage, self.run_name, self.cfg.run.keep_checkpoints)
 
     def close(self) -> None:
