@@ -118,8 +118,14 @@ def cli(
             from training import runs
 
             trainer = runs.start(cfg)
+        from training.signals import StopRequested, stop_on_signals
+
         try:
-            record = trainer.train()
+            with stop_on_signals():
+                record = trainer.train()
+        except StopRequested as stop:
+            click.echo(f"{stop}; continue with: python main.py --resume --name {trainer.run_name}", err=True)
+            sys.exit(128 + stop.signum)
         except Exception as err:
             from training.oom import is_out_of_memory
 

@@ -23,6 +23,7 @@ from training.replay import ReplayBuffer
 from training.report import MetricsLog, ProgressBar, status_block
 from training.rollout import rollout
 from training.sentinel import LeakSentinel, LeakWarning
+from training.signals import check_stop
 from training.telemetry import TelemetryHistory, memory_snapshot
 
 PHASE_EXPLORE, PHASE_EVALUATE = 0, 1
@@ -111,6 +112,7 @@ class Trainer:
 
         record, warnings = self.report(generation, started, done_before, fitness, elite, elite_lineage, stats, events)
         self.save_checkpoint()
+        check_stop(f"after generation {generation + 1}, which is checkpointed")
         if self.recording_cuda:
             self.dump_cuda_history(f"gen-{generation:06d}")
         if self.sentinel.should_stop:
@@ -161,7 +163,7 @@ class Trainer:
             explore=True,
             steps=steps,
             random_actions=warming_up,
-            on_step=lambda _: bar.advance(1, "explore"),
+            on_step=lambda _: self._safe_point(bar, "explore"),
         )
         self.counters.env_steps += result.env_steps
 
@@ -178,7 +180,7 @@ class Trainer:
                     sums[name] += values
                     counts[name] += 1
                 self.counters.updates += 1
-                bar.advance(1, "learn")
+                self._safe_point(bar, "learn")
         stats: dict[str, Any] = {name: (sums[name] / counts[name]).tolist() for name in sums}
         diverged = np.zeros(self.population, bool)
         for values in stats.values():
@@ -202,12 +204,19 @@ class Trainer:
             self._seeds(generation, PHASE_EVALUATE),
             explore=False,
             episodes_per_stream=per_stream,
-            on_step=lambda _: bar.advance(1, "evaluate"),
+            on_step=lambda _: self._safe_point(bar, "evaluate"),
         )
         self.counters.env_steps += result.env_steps
         return result.member_fitness(self.population, per_stream)
 
     # ------------------------------------------------------------ helpers
+
+    def _safe_point(self, bar: ProgressBar, phase: str) -> None:
+        """Between two env steps or optimizer steps: advance the bar, honour a stop signal."""
+        done = self.counters.generation
+        last = f"generation {done}" if done else "none yet"
+        check_stop(f"during generation {done + 1} ({phase}); last complete checkpoint: {last}")
+        bar.advance(1, phase)
 
     def _sample(self) -> Batch:
         arrays = self.replay.sample(self.population, self.cfg.agent.batch_size)
