@@ -84,13 +84,22 @@ class LocalStorage(Storage):
 
 
 def open_storage(uri: str) -> Storage:
-    """Storage for a local path (or ``file://`` URI). Cloud schemes are not served yet."""
+    """Storage for a local path (or ``file://`` URI), ``s3://bucket/prefix`` or ``gs://bucket/prefix``.
+
+    The cloud clients are optional extras, imported only when their scheme is used.
+    """
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file"):
         return LocalStorage(parsed.path if parsed.scheme else uri)
-    if parsed.scheme in ("gs", "s3"):
-        raise StorageError(f"{parsed.scheme}:// checkpoints are not supported yet; use a local path")
-    raise StorageError(f"unsupported storage URI {uri!r}; use a local path")
+    if parsed.scheme == "s3":
+        from cloud.s3 import S3Storage
+
+        return S3Storage.from_uri(uri)
+    if parsed.scheme == "gs":
+        from cloud.gcs import GCSStorage
+
+        return GCSStorage.from_uri(uri)
+    raise StorageError(f"unsupported storage URI {uri!r}; use a local path, s3://bucket/prefix or gs://bucket/prefix")
 
 
 def check_writable(storage: Storage, key: str) -> None:

@@ -51,8 +51,6 @@ def test_open_storage_serves_local_paths_and_file_uris(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("uri", "message"),
     [
-        ("gs://bucket/runs", "not supported yet"),
-        ("s3://bucket/runs", "not supported yet"),
         ("ftp://host/runs", "unsupported storage URI"),
     ],
 )
