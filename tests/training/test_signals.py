@@ -10,7 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from cloud import checkpoint as ckpt
 from cloud.storage import LocalStorage
@@ -79,3 +81,36 @@ def test_a_signal_stops_the_run_at_a_safe_point_and_it_resumes(tmp_path: Path, s
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming run 'pre' after generation {newest + 1}" in resumed.stdout
     assert ckpt.generations(storage, "pre")[0] == newest + 2
+
+
+def test_a_preempted_and_resumed_run_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+    """Across processes: SIGTERM mid-run, resume, and the final checkpoint matches a straight run."""
+    straight_dir, preempted_dir = tmp_path / "straight", tmp_path / "preempted"
+    straight = _start(straight_dir, "--generations", "5")
+    assert straight.wait(timeout=120) == 0, straight.stderr.read() if straight.stderr else ""
+
+    process = _start(preempted_dir, "--generations", "5")
+    _wait_for_checkpoint(preempted_dir, 1, process)
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=60)
+    assert process.returncode in (0, 128 + signal.SIGTERM)  # it may have finished first on a fast machine
+    resumed = subprocess.run(
+        [sys.executable, "main.py", "--resume", "--run-dir", str(preempted_dir), "--name", "pre"],
+        cwd=REPO_ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+
+    a = ckpt.load(LocalStorage(straight_dir), "pre", 4)
+    b = ckpt.load(LocalStorage(preempted_dir), "pre", 4)
+    assert a.tensors.keys() == b.tensors.keys()
+    for name in a.tensors:
+        assert torch.equal(a.tensors[name], b.tensors[name]), name
+    for name in a.arrays:
+        assert np.array_equal(a.arrays[name], b.arrays[name]), name
+    assert a.meta["evolution"] == b.meta["evolution"]
+    assert a.meta["counters"]["env_steps"] == b.meta["counters"]["env_steps"]
+    assert a.meta["counters"]["best_fitness"] == b.meta["counters"]["best_fitness"]
