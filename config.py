@@ -150,7 +150,9 @@ class RunConfig:
     name: str = ""
     """Run name; empty makes one from env, preset and time."""
     keep_checkpoints: int = 3
-    """Local generations kept (the newest is never deleted)."""
+    """Newest generations kept (the newest is never deleted)."""
+    keep_every: int = 0
+    """Also keep every this-many-th generation (10: generations 10, 20, ...); 0 keeps no extra."""
     save_replay: bool = True
     """Include the replay buffer in checkpoints (needed for exact resume)."""
     tensorboard: bool = True
@@ -237,6 +239,7 @@ class Config:
         _check(m.leak_warmup >= 0, "memory.leak_warmup must be >= 0")
         _check(m.leak_min_slope_mb >= 0, "memory.leak_min_slope_mb must be >= 0")
         _check(self.run.threads >= 0, "run.threads must be >= 0")
+        _check(self.run.keep_every >= 0, "run.keep_every must be >= 0")
         _check(self.run.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
         return self
 

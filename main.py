@@ -60,7 +60,19 @@ def _one_line_warning(message: Any, category: type[Warning], *_: Any, **__: Any)
 )
 @click.option("--name", default=None, help="Run name (default: env, seed and time).")
 @click.option(
-    "--resume", is_flag=True, help="Continue the latest run in --run-dir (or --name) from its newest checkpoint."
+    "--resume",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[RUN]",
+    help="Continue RUN (default: the latest run in --run-dir) from its newest verified checkpoint.",
+)
+@click.option(
+    "--allow-change",
+    "allow_change",
+    multiple=True,
+    metavar="SECTION.KEY",
+    help="With --resume: accept a change of this config key (repeatable); safe keys need no permission.",
 )
 @click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")
 @click.pass_context
@@ -76,7 +88,8 @@ def cli(
     device: str | None,
     run_dir: str | None,
     name: str | None,
-    resume: bool,
+    resume: str | None,
+    allow_change: tuple[str, ...],
     print_config: bool,
 ) -> None:
     """Evolve a population of actor-critic agents that learn from one shared replay buffer.
@@ -100,14 +113,17 @@ def cli(
         if value is not None
     }
     with _user_errors():
-        if resume:
+        if allow_change and resume is None:
+            raise UserError("--allow-change only applies with --resume")
+        if resume is not None:
             if preset is not None:
                 raise UserError("--preset cannot be combined with --resume: a resumed run keeps its config")
+            if resume and name and resume != name:
+                raise UserError(f"--resume {resume} and --name {name} name different runs")
             from training import runs  # imports torch: only after the cheap checks
 
-            trainer = runs.resume(
-                run_dir or "runs", name or "", {"config_file": config_file, "overrides": overrides, "extra": extra}
-            )
+            overrides_in = {"config_file": config_file, "overrides": overrides, "extra": extra}
+            trainer = runs.resume(run_dir or "runs", resume or name or "", overrides_in, allow_change)
         else:
             cfg = build_config(preset or DEFAULT_PRESET, config_file, overrides, extra)
             if print_config:
@@ -124,7 +140,7 @@ def cli(
             with stop_on_signals():
                 record = trainer.train()
         except StopRequested as stop:
-            click.echo(f"{stop}; continue with: python main.py --resume --name {trainer.run_name}", err=True)
+            click.echo(f"{stop}; continue with: python main.py --resume {trainer.run_name}", err=True)
             sys.exit(128 + stop.signum)
         except Exception as err:
             from training.oom import is_out_of_memory
@@ -169,7 +185,7 @@ def _summary(trainer: Any, record: dict[str, Any]) -> str:
         f"(mean return of {trainer.cfg.train.eval_episodes} noise-free episode(s) per member; the best of "
         f"{trainer.population} members is an optimistic estimate of the elite's return)\n"
         f"run folder: {trainer.log.path.parent}  "
-        f"(continue with: python main.py --resume --name {trainer.run_name} --generations {c.generation * 2})"
+        f"(continue with: python main.py --resume {trainer.run_name} --generations {c.generation * 2})"
     )
 
 

@@ -117,9 +117,12 @@ def load_latest(storage: Storage, run: str) -> tuple[int, Checkpoint, list[str]]
     raise CheckpointError(f"no verified checkpoint in run {run!r}" + (f" ({rejected[0]})" if rejected else ""))
 
 
-def prune(storage: Storage, run: str, keep: int) -> None:
-    """Keep the newest ``keep`` generations; delete each older one manifest first."""
-    for generation in generations(storage, run)[keep:]:
+def prune(storage: Storage, run: str, keep: int, every: int = 0) -> None:
+    """Keep the newest ``keep`` generations and, with ``every`` > 0, each ``every``-th one
+    (generations ``every``, ``2 * every``, ... counted from 1); delete the rest, manifest first."""
+    for generation in generations(storage, run)[max(keep, 1) :]:
+        if every > 0 and (generation + 1) % every == 0:
+            continue
         prefix = generation_prefix(run, generation)
         storage.delete(f"{prefix}/{MANIFEST}")
         for key in storage.list(prefix):

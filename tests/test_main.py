@@ -3,6 +3,9 @@ in a subprocess); further error cases run in-process through click's test runner
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 from collections.abc import Callable
 from pathlib import Path
 from subprocess import CompletedProcess
@@ -259,3 +262,46 @@ def test_a_failed_checkpoint_write_is_one_error_line_and_leaves_no_partial_file(
     assert_one_line_user_error(result, "checkpoint of generation 1 not written", "File too large")
     assert not list(run_dir.rglob("*.tmp-*"))
     assert not list(run_dir.rglob("MANIFEST.json"))
+
+
+# ---------------------------------------------------------------- resume by name, allowed changes
+
+
+def _finished_run(tiny_config, name: str, generations: int = 1) -> None:
+    trainer = runs.start(tiny_config({"train.generations": generations, "run.name": name}))
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer.train()
+    trainer.close()
+
+
+def test_resume_names_the_run_to_continue(tmp_path: Path, tiny_config) -> None:
+    _finished_run(tiny_config, "older")
+    _finished_run(tiny_config, "newer")
+    result = invoke("--resume", "older", "--run-dir", str(tmp_path / "runs"), "--generations", "2")
+    assert result.exit_code == 0, result.output
+    assert "resuming run 'older' after generation 1" in result.output
+    assert (tmp_path / "runs" / "older" / "gen-000001" / "MANIFEST.json").is_file()
+    assert not (tmp_path / "runs" / "newer" / "gen-000001").exists()
+
+
+def test_resume_and_name_must_agree(tmp_path: Path) -> None:
+    result = invoke("--resume", "a", "--name", "b", "--run-dir", str(tmp_path / "runs"))
+    assert_one_line_user_error(result, "--resume a and --name b name different runs")
+
+
+def test_allow_change_needs_resume(tmp_path: Path) -> None:
+    result = invoke(*tiny_args(tmp_path / "runs", "--allow-change", "agent.actor_lr"))
+    assert_one_line_user_error(result, "--allow-change only applies with --resume")
+
+
+def test_an_allowed_change_is_kept_by_later_resumes(tmp_path: Path, tiny_config) -> None:
+    _finished_run(tiny_config, "tuned")
+    run_dir = str(tmp_path / "runs")
+    changed = ["--resume", "tuned", "--run-dir", run_dir, "--set", "agent.actor_lr=0.002"]
+    assert_one_line_user_error(invoke(*changed, "--generations", "2"), "agent.actor_lr", "--allow-change")
+    result = invoke(*changed, "--generations", "2", "--allow-change", "agent.actor_lr")
+    assert result.exit_code == 0, result.output
+    again = invoke("--resume", "tuned", "--run-dir", run_dir, "--generations", "3")
+    assert again.exit_code == 0, again.output
+    saved = json.loads((tmp_path / "runs" / "tuned" / "gen-000002" / "state.json").read_text())
+    assert saved["config"]["agent"]["actor_lr"] == 0.002

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from cloud import checkpoint as ckpt
 from cloud.storage import LocalStorage, Storage, check_writable, open_storage
-from config import Config, UserError, build_config, changed_keys
+from config import Config, UserError, build_config, changed_keys, from_dict
 from training.envs import make_env
 from training.report import MetricsLog
 from training.trainer import Trainer
@@ -25,6 +26,7 @@ RESUME_MAY_CHANGE = (
     "run.progress",
     "run.tensorboard",
     "run.keep_checkpoints",
+    "run.keep_every",
     "run.run_dir",
     "run.name",
 )
@@ -67,9 +69,10 @@ def start(cfg: Config) -> Trainer:
     return trainer
 
 
-def resume(run_dir: str, name: str, overrides: dict[str, Any]) -> Trainer:
-    """Rebuild the run's saved config (plus allowed ``overrides``), load its newest verified
-    generation and return a trainer positioned right after it."""
+def resume(run_dir: str, name: str, overrides: dict[str, Any], allow: Sequence[str] = ()) -> Trainer:
+    """Load the run's newest verified generation, rebuild the config it was written with (plus
+    ``overrides``, which may change only safe keys and the keys in ``allow``) and return a
+    trainer positioned right after it."""
     if not name:
         runs = [run for run, generations in list_runs(run_dir) if generations]
         if not runs:
@@ -81,27 +84,28 @@ def resume(run_dir: str, name: str, overrides: dict[str, Any]) -> Trainer:
     saved = json.loads(storage.read(f"{name}/{RUN_FILE}"))
     if saved.get("version") != VERSION:
         raise UserError(f"run {name!r} was written by an incompatible version ({saved.get('version')})")
-    cfg = build_config(base=saved["config"], **overrides)
-    changed = [
-        k
-        for k in changed_keys(saved["config"], cfg.to_dict())
-        if k not in RESUME_MAY_CHANGE and not k.startswith("memory.")
-    ]
-    if changed:
-        raise UserError(
-            f"cannot resume run {name!r} with a changed config: {', '.join(changed)} "
-            f"(a resume may change only {', '.join(RESUME_MAY_CHANGE)})"
-        )
     generation, state, rejected = ckpt.load_latest(storage, name)
     for line in rejected:
         print(f"warning: {line}")
-    if state.meta.get("config_hash") != saved["config_hash"]:
-        raise UserError(f"checkpoint generation {generation} of run {name!r} belongs to another config")
+    written_with = state.meta.get("config", saved["config"])
+    if state.meta.get("config_hash") != from_dict(written_with).hash():
+        raise UserError(f"checkpoint generation {generation + 1} of run {name!r} belongs to another config")
+    cfg = build_config(base=written_with, **overrides)
+    changed = [k for k in changed_keys(written_with, cfg.to_dict()) if not _may_change(k) and k not in allow]
+    if changed:
+        raise UserError(
+            f"cannot resume run {name!r} with a changed config: {', '.join(changed)} (a resume may change "
+            f"{', '.join(RESUME_MAY_CHANGE)} and memory.*; allow others with --allow-change KEY)"
+        )
     trainer = _build(cfg, name, storage)
     trainer.restore(state)
     trainer.log.truncate_after(generation)
     print(f"resuming run {name!r} after generation {generation + 1} ({trainer.counters.env_steps:,} env steps so far)")
     return trainer
+
+
+def _may_change(key: str) -> bool:
+    return key in RESUME_MAY_CHANGE or key.startswith("memory.")
 
 
 def _open_checked(run_dir: str, name: str) -> Storage:

@@ -335,6 +335,7 @@ class Trainer:
         py_state = random.getstate()
         meta = {
             "config_hash": self.cfg.hash(),
+            "config": self.cfg.to_dict(),
             "counters": vars(self.counters),
             "agent": self.agent.extra_state(),
             "evolution": self.evolution.state(),
@@ -372,7 +373,7 @@ class Trainer:
             raise StorageError(
                 f"checkpoint of generation {generation + 1} not written ({err}); last complete checkpoint: {previous}"
             ) from None
-        ckpt.prune(self.storage, self.run_name, self.cfg.run.keep_checkpoints)
+        ckpt.prune(self.storage, self.run_name, self.cfg.run.keep_checkpoints, self.cfg.run.keep_every)
 
     def close(self) -> None:
         self.pool.close()

@@ -235,3 +235,9 @@ def test_an_array_file_holding_pickled_objects_is_refused(storage: LocalStorage)
     rewrite_manifest_entry(storage, 0, "arrays/obs.npy", buffer.getvalue())
     with pytest.raises(CheckpointError, match="cannot be decoded"):
         ckpt.load(storage, RUN, 0)
+
+
+def test_prune_also_keeps_every_mth_generation(storage: LocalStorage) -> None:
+    saved(storage, 12)
+    ckpt.prune(storage, RUN, keep=2, every=5)
+    assert ckpt.generations(storage, RUN) == [11, 10, 9, 4]  # the newest two, and generations 5 and 10 (1-based)

@@ -54,7 +54,7 @@ def test_a_signal_stops_the_run_at_a_safe_point_and_it_resumes(tmp_path: Path, s
     assert process.returncode == 128 + signum, stderr
     assert "Traceback" not in stderr
     assert f"stopped by {signal.Signals(signum).name}" in stderr
-    assert "continue with: python main.py --resume --name pre" in stderr
+    assert "continue with: python main.py --resume pre" in stderr
 
     storage = LocalStorage(run_dir)
     newest, _, rejected = ckpt.load_latest(storage, "pre")
