@@ -305,3 +305,10 @@ def test_an_allowed_change_is_kept_by_later_resumes(tmp_path: Path, tiny_config)
     assert again.exit_code == 0, again.output
     saved = json.loads((tmp_path / "runs" / "tuned" / "gen-000002" / "state.json").read_text())
     assert saved["config"]["agent"]["actor_lr"] == 0.002
+
+
+def test_an_allowed_change_of_shapes_is_refused_clearly(tmp_path: Path, tiny_config) -> None:
+    _finished_run(tiny_config, "shaped")
+    args = ["--resume", "shaped", "--run-dir", str(tmp_path / "runs"), "--set", "agent.hidden_sizes=[16,16]"]
+    result = invoke(*args, "--allow-change", "agent.hidden_sizes")
+    assert_one_line_user_error(result, "does not fit the changed config")

@@ -66,6 +66,7 @@ def start(cfg: Config) -> Trainer:
     trainer = _build(cfg, name, storage)
     record = {"version": VERSION, "config_hash": cfg.hash(), "config": cfg.to_dict()}
     storage.write(f"{name}/{RUN_FILE}", json.dumps(record, indent=1).encode())
+    _write_resolved_config(trainer)
     return trainer
 
 
@@ -98,8 +99,13 @@ def resume(run_dir: str, name: str, overrides: dict[str, Any], allow: Sequence[s
             f"{', '.join(RESUME_MAY_CHANGE)} and memory.*; allow others with --allow-change KEY)"
         )
     trainer = _build(cfg, name, storage)
-    trainer.restore(state)
+    try:
+        trainer.restore(state)
+    except ValueError as err:  # shapes that the allowed change altered (population, networks, replay)
+        trainer.close()
+        raise UserError(f"generation {generation + 1} of run {name!r} does not fit the changed config: {err}") from None
     trainer.log.truncate_after(generation)
+    _write_resolved_config(trainer)
     print(f"resuming run {name!r} after generation {generation + 1} ({trainer.counters.env_steps:,} env steps so far)")
     return trainer
 
@@ -123,8 +129,12 @@ def _build(cfg: Config, name: str, storage: Storage) -> Trainer:
     run_path = storage.root / name
     run_path.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(run_path, cfg.run.tensorboard)
-    (run_path / "config.yaml").write_text(_yaml(cfg))
     return Trainer(cfg, name, storage, log, device)
+
+
+def _write_resolved_config(trainer: Trainer) -> None:
+    """The config the run goes on with, beside its logs (after the run was set up successfully)."""
+    (trainer.log.path.parent / "config.yaml").write_text(_yaml(trainer.cfg))
 
 
 def _yaml(cfg: Config) -> str:
