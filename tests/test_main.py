@@ -312,3 +312,9 @@ def test_an_allowed_change_of_shapes_is_refused_clearly(tmp_path: Path, tiny_con
     args = ["--resume", "shaped", "--run-dir", str(tmp_path / "runs"), "--set", "agent.hidden_sizes=[16,16]"]
     result = invoke(*args, "--allow-change", "agent.hidden_sizes")
     assert_one_line_user_error(result, "does not fit the changed config")
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/runs", "gs://bucket/runs"])
+def test_a_cloud_run_dir_is_refused_in_one_line_until_it_is_supported(tmp_path: Path, uri: str) -> None:
+    assert_one_line_user_error(invoke(*tiny_args(uri)), "--run-dir must be a local folder")
+    assert_one_line_user_error(invoke("status", "--run-dir", uri), "--run-dir must be a local folder")

@@ -7,11 +7,12 @@ import re
 import time
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 
 from cloud import checkpoint as ckpt
-from cloud.storage import LocalStorage, Storage, check_writable, open_storage
+from cloud.storage import LocalStorage, check_writable, open_storage
 from config import Config, UserError, build_config, changed_keys, from_dict
 from training.envs import make_env
 from training.report import MetricsLog
@@ -48,8 +49,7 @@ def new_run_name(cfg: Config) -> str:
 
 def list_runs(run_dir: str) -> list[tuple[str, list[int]]]:
     """Runs under ``run_dir`` with their checkpointed generations (newest first), oldest run first."""
-    storage = open_storage(run_dir)
-    assert isinstance(storage, LocalStorage), "runs are listed from a local run folder"
+    storage = _local_storage(run_dir)
     root = storage.root
     if not root.is_dir():
         return []
@@ -114,18 +114,29 @@ def _may_change(key: str) -> bool:
     return key in RESUME_MAY_CHANGE or key.startswith("memory.")
 
 
-def _open_checked(run_dir: str, name: str) -> Storage:
+def _local_storage(run_dir: str) -> LocalStorage:
+    """The run folder's storage: a local path or ``file://`` URI (logs and TensorBoard live there)."""
+    if urlparse(run_dir).scheme not in ("", "file"):
+        raise UserError(
+            f"--run-dir must be a local folder, got {run_dir!r}: checkpoints on s3:// and gs:// are not "
+            "wired into the trainer yet"
+        )
     storage = open_storage(run_dir)
+    assert isinstance(storage, LocalStorage)
+    return storage
+
+
+def _open_checked(run_dir: str, name: str) -> LocalStorage:
+    storage = _local_storage(run_dir)
     check_writable(storage, name)
     return storage
 
 
-def _build(cfg: Config, name: str, storage: Storage) -> Trainer:
+def _build(cfg: Config, name: str, storage: LocalStorage) -> Trainer:
     device = resolve_device(cfg.run.device)
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
     make_env(cfg.env).close()  # an unknown or unsupported env fails before anything is written
-    assert isinstance(storage, LocalStorage), "logs live in a local run folder"
     run_path = storage.root / name
     run_path.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(run_path, cfg.run.tensorboard)
