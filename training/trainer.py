@@ -23,7 +23,7 @@ from training.replay import ReplayBuffer
 from training.report import MetricsLog, ProgressBar, status_block
 from training.rollout import rollout
 from training.sentinel import LeakSentinel, LeakWarning
-from training.signals import check_stop
+from training.signals import check_stop, stop_requested
 from training.telemetry import TelemetryHistory, memory_snapshot
 
 PHASE_EXPLORE, PHASE_EVALUATE = 0, 1
@@ -213,9 +213,10 @@ class Trainer:
 
     def _safe_point(self, bar: ProgressBar, phase: str) -> None:
         """Between two env steps or optimizer steps: advance the bar, honour a stop signal."""
-        done = self.counters.generation
-        last = f"generation {done}" if done else "none yet"
-        check_stop(f"during generation {done + 1} ({phase}); last complete checkpoint: {last}")
+        if stop_requested() is not None:  # the message is built only when it is needed
+            done = self.counters.generation
+            last = f"generation {done}" if done else "none yet"
+            check_stop(f"during generation {done + 1} ({phase}); last complete checkpoint: {last}")
         bar.advance(1, phase)
 
     def _sample(self) -> Batch:
