@@ -146,7 +146,11 @@ class RunConfig:
     """Torch intra-op CPU threads; 0 keeps torch's default (one per core). Use 1 when several
     trainers share a machine: spinning OpenMP threads then stall each other for seconds."""
     run_dir: str = "runs"
-    """Folder that holds runs: logs, TensorBoard and checkpoints."""
+    """Local folder that holds runs: logs, TensorBoard and every generation's checkpoint."""
+    checkpoint_uri: str = ""
+    """Where checkpoints are also uploaded, in the background: ``gs://bucket/prefix``,
+    ``s3://bucket/prefix`` or another local path (e.g. a network mount); empty keeps them only in
+    ``run_dir``. ``--resume`` continues from the newest verified generation in either place."""
     name: str = ""
     """Run name; empty makes one from env, preset and time."""
     keep_checkpoints: int = 3
@@ -155,6 +159,12 @@ class RunConfig:
     """Also keep every this-many-th generation (10: generations 10, 20, ...); 0 keeps no extra."""
     save_replay: bool = True
     """Include the replay buffer in checkpoints (needed for exact resume)."""
+    replay_shard_mb: float = 16.0
+    """Size of a replay checkpoint shard; only shards written to since the last checkpoint are saved."""
+    upload_retry_max_s: float = 60.0
+    """Failed uploads are retried after 1 s, 2 s, 4 s, ... up to this interval, for as long as the run lasts."""
+    upload_wait_s: float = 600.0
+    """At the end of a run, how long to wait for pending uploads (a run stopped by a signal waits at most 20 s)."""
     tensorboard: bool = True
     """Write TensorBoard scalars."""
     progress: bool = True
@@ -241,6 +251,15 @@ class Config:
         _check(self.run.threads >= 0, "run.threads must be >= 0")
         _check(self.run.keep_every >= 0, "run.keep_every must be >= 0")
         _check(self.run.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
+        _check(self.run.replay_shard_mb > 0, "run.replay_shard_mb must be > 0")
+        _check(self.run.upload_retry_max_s > 0, "run.upload_retry_max_s must be > 0")
+        _check(self.run.upload_wait_s >= 0, "run.upload_wait_s must be >= 0")
+        scheme = self.run.checkpoint_uri.split("://", 1)[0] if "://" in self.run.checkpoint_uri else ""
+        _check(
+            scheme in ("", "file", "s3", "gs"),
+            f"run.checkpoint_uri must be a local path, s3://bucket/prefix or gs://bucket/prefix, "
+            f"got {self.run.checkpoint_uri!r}",
+        )
         return self
 
 

@@ -18,6 +18,9 @@ import click
 
 from config import DEFAULT_PRESET, PRESETS, UserError, build_config
 
+SIGNAL_UPLOAD_WAIT_S = 20.0
+"""A pre-empted pod has seconds: wait at most this long for pending uploads after SIGTERM/SIGINT."""
+
 
 def _one_line_warning(message: Any, category: type[Warning], *_: Any, **__: Any) -> str:
     return f"warning: {message}\n"
@@ -58,6 +61,12 @@ def _one_line_warning(message: Any, category: type[Warning], *_: Any, **__: Any)
 @click.option(
     "--run-dir", default=None, metavar="PATH", help="Folder of runs: logs, TensorBoard and checkpoints (default: runs)."
 )
+@click.option(
+    "--checkpoint-uri",
+    default=None,
+    metavar="URI",
+    help="Also upload checkpoints (in the background) to gs://bucket/prefix, s3://bucket/prefix or a local path.",
+)
 @click.option("--name", default=None, help="Run name (default: env, seed and time).")
 @click.option(
     "--resume",
@@ -87,6 +96,7 @@ def cli(
     seed: int | None,
     device: str | None,
     run_dir: str | None,
+    checkpoint_uri: str | None,
     name: str | None,
     resume: str | None,
     allow_change: tuple[str, ...],
@@ -108,6 +118,7 @@ def cli(
             "run.seed": seed,
             "run.device": device,
             "run.run_dir": run_dir,
+            "run.checkpoint_uri": checkpoint_uri,
             "run.name": name,
         }.items()
         if value is not None
@@ -141,6 +152,8 @@ def cli(
                 record = trainer.train()
         except StopRequested as stop:
             click.echo(f"{stop}; continue with: python main.py --resume {trainer.run_name}", err=True)
+            if left := trainer.finish_uploads(min(SIGNAL_UPLOAD_WAIT_S, trainer.cfg.run.upload_wait_s)):
+                click.echo(f"warning: {left}", err=True)
             sys.exit(128 + stop.signum)
         except Exception as err:
             from training.oom import is_out_of_memory
@@ -154,24 +167,38 @@ def cli(
                 err=True,
             )
             sys.exit(3)
+        else:
+            left = trainer.finish_uploads(trainer.cfg.run.upload_wait_s)
         finally:
             trainer.close()
         click.echo(_summary(trainer, record))
+        if left:
+            raise UserError(left)
 
 
 @cli.command()
 @click.option("--run-dir", default="runs", metavar="PATH", help="Folder of runs (default: runs).")
-def status(run_dir: str) -> None:
-    """List the runs in --run-dir and their checkpointed generations."""
+@click.option("--checkpoint-uri", default="", metavar="URI", help="Also list the runs stored at this location.")
+def status(run_dir: str, checkpoint_uri: str) -> None:
+    """List the runs in --run-dir (and at --checkpoint-uri) with their checkpointed generations."""
     with _user_errors():
         from training.runs import list_runs
 
-        found = list_runs(run_dir)
+        found = list_runs(run_dir, checkpoint_uri)
         if not found:
-            click.echo(f"no runs in {run_dir}")
-        for name, generations in found:
-            shown = f"generations {generations[-1] + 1}..{generations[0] + 1}" if generations else "no checkpoint"
-            click.echo(f"{name}  {shown}")
+            click.echo(f"no runs in {run_dir}" + (f" or {checkpoint_uri}" if checkpoint_uri else ""))
+        for run in found:
+            line = f"{run.name}  local: {_generations(run.local)}"
+            if run.remote is not None:
+                line += f"  {checkpoint_uri}: {_generations(run.remote)}"
+            click.echo(line)
+
+
+def _generations(found: list[int]) -> str:
+    """Newest-first generation numbers (0-based) as the 1-based ones people count."""
+    if not found:
+        return "no checkpoint"
+    return f"generations {', '.join(str(g + 1) for g in reversed(found))}"
 
 
 def _summary(trainer: Any, record: dict[str, Any]) -> str:

@@ -20,7 +20,7 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage as gcs
 from google.cloud.storage.retry import DEFAULT_RETRY
 
-from cloud.storage import Storage, StorageError
+from cloud.storage import AlreadyExists, Storage, StorageError
 
 EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 _CREDENTIALS_HINT = "check GOOGLE_APPLICATION_CREDENTIALS or application default credentials"
@@ -60,6 +60,9 @@ class GCSStorage(Storage):
     def __repr__(self) -> str:
         return f"GCSStorage('gs://{self.bucket_name}/{self.prefix}')"
 
+    def url(self, key: str) -> str:
+        return f"gs://{self.bucket_name}/{self._name(key)}"
+
     def _name(self, key: str) -> str:
         key = key.strip("/")
         return f"{self.prefix}/{key}" if self.prefix and key else self.prefix or key
@@ -89,7 +92,7 @@ class GCSStorage(Storage):
                     data, if_generation_match=0, timeout=self.timeout, retry=self.retry
                 )
             except api_exceptions.PreconditionFailed:
-                raise StorageError(f"gs://{self.bucket_name}/{name} already exists; not overwritten") from None
+                raise AlreadyExists(f"gs://{self.bucket_name}/{name} already exists; not overwritten") from None
 
     def exists(self, key: str) -> bool:
         with self._errors():

@@ -25,7 +25,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from cloud.storage import Storage, StorageError
+from cloud.storage import AlreadyExists, Storage, StorageError
 
 _MISSING = ("NoSuchKey", "404", "NotFound")
 _DENIED = ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken")
@@ -78,7 +78,7 @@ class S3Storage(Storage):
                 response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
             except ClientError as err:
                 if _code(err) in _MISSING:
-                    raise FileNotFoundError(errno.ENOENT, "no such S3 object", self._url(key)) from None
+                    raise FileNotFoundError(errno.ENOENT, "no such S3 object", self.url(key)) from None
                 raise
             return bytes(response["Body"].read())
 
@@ -96,7 +96,7 @@ class S3Storage(Storage):
             except ClientError as err:
                 # 412: it exists; 409: a concurrent conditional write to the same key won the race.
                 if _code(err) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
-                    raise StorageError(f"{self._url(key)} already exists; not overwritten") from None
+                    raise AlreadyExists(f"{self.url(key)} already exists; not overwritten") from None
                 raise
 
     def exists(self, key: str) -> bool:
@@ -131,7 +131,7 @@ class S3Storage(Storage):
         key = key.strip("/")
         return f"{self.prefix}/{key}" if self.prefix and key else (self.prefix or key)
 
-    def _url(self, key: str) -> str:
+    def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
 
     @contextmanager
@@ -152,9 +152,9 @@ class S3Storage(Storage):
                     f"S3 access denied to bucket {self.bucket!r} ({code}; check AWS credentials: {_CREDENTIAL_SOURCES})"
                 ) from None
             message = err.response.get("Error", {}).get("Message") or "no message"
-            raise StorageError(f"S3 {action} of {self._url(key)} failed: {code}: {message}") from None
+            raise StorageError(f"S3 {action} of {self.url(key)} failed: {code}: {message}") from None
         except BotoCoreError as err:
-            raise StorageError(f"S3 {action} of {self._url(key)} failed: {type(err).__name__}: {err}") from None
+            raise StorageError(f"S3 {action} of {self.url(key)} failed: {type(err).__name__}: {err}") from None
 
 
 def _code(err: ClientError) -> str:

@@ -1,12 +1,13 @@
 """One small storage interface, chosen by URI scheme.
 
-Keys are ``/``-separated paths relative to the storage root. Only local paths are served
-for now; ``gs://`` and ``s3://`` plug in behind the same five methods.
+Keys are ``/``-separated paths relative to the storage root: a local folder, ``s3://bucket/prefix``
+or ``gs://bucket/prefix`` behind the same methods.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from abc import ABC, abstractmethod
 from pathlib import Path
 from urllib.parse import urlparse
@@ -18,6 +19,10 @@ class StorageError(UserError):
     """Storage cannot be used as configured (bad URI, not writable, ...): shown as one line."""
 
 
+class AlreadyExists(StorageError):
+    """``write_new`` found an object under its key."""
+
+
 class Storage(ABC):
     @abstractmethod
     def read(self, key: str) -> bytes: ...
@@ -25,6 +30,15 @@ class Storage(ABC):
     @abstractmethod
     def write(self, key: str, data: bytes) -> None:
         """Write ``data`` under ``key`` atomically: readers see the old object or the new one."""
+
+    @abstractmethod
+    def write_new(self, key: str, data: bytes) -> None:
+        """Create ``key`` only if nothing is stored under it (a commit); raise AlreadyExists otherwise."""
+
+    def write_many(self, prefix: str, objects: dict[str, bytes]) -> None:
+        """Write ``objects`` (names relative to ``prefix``); local storage makes them appear together."""
+        for name, data in objects.items():
+            self.write(f"{prefix}/{name}", data)
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...
@@ -36,13 +50,23 @@ class Storage(ABC):
     @abstractmethod
     def delete(self, key: str) -> None: ...
 
+    @abstractmethod
+    def url(self, key: str) -> str:
+        """Where ``key`` lives, for messages (a path, ``s3://...`` or ``gs://...``; never credentials)."""
+
 
 class LocalStorage(Storage):
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
+    def __repr__(self) -> str:
+        return f"LocalStorage({str(self.root)!r})"
+
     def _path(self, key: str) -> Path:
         return self.root / key
+
+    def url(self, key: str) -> str:
+        return str(self._path(key))
 
     def read(self, key: str) -> bytes:
         return self._path(key).read_bytes()
@@ -52,14 +76,46 @@ class LocalStorage(Storage):
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with tmp.open("wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            _write_synced(tmp, data)
             os.replace(tmp, path)
         except OSError as err:  # a full disk, a quota, a read-only mount, ...
             tmp.unlink(missing_ok=True)
             raise StorageError(f"cannot write to {path}: {err.strerror or err}") from None
+
+    def write_new(self, key: str, data: bytes) -> None:
+        """Written to a temporary file, then hard-linked into place: ``link`` refuses an existing name."""
+        path = self._path(key)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write_synced(tmp, data)
+            os.link(tmp, path)
+            _sync_dir(path.parent)
+        except FileExistsError:
+            raise AlreadyExists(f"{path} already exists; not overwritten") from None
+        except OSError as err:
+            raise StorageError(f"cannot write to {path}: {err.strerror or err}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def write_many(self, prefix: str, objects: dict[str, bytes]) -> None:
+        """Into a hidden temporary folder, synced, then renamed to ``prefix`` in one step."""
+        final = self._path(prefix)
+        staging = final.with_name(f".{final.name}.partial")
+        try:
+            shutil.rmtree(staging, ignore_errors=True)  # left by a crash
+            for name, data in objects.items():
+                (staging / name).parent.mkdir(parents=True, exist_ok=True)
+                _write_synced(staging / name, data)
+            if final.exists():  # objects of an uncommitted attempt (a committed one has a manifest: refuse)
+                if any(p.name == "MANIFEST.json" for p in final.iterdir()):
+                    raise AlreadyExists(f"{final} is already committed; not overwritten")
+                shutil.rmtree(final)
+            os.rename(staging, final)
+            _sync_dir(final.parent)
+        except OSError as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise StorageError(f"cannot write to {final}: {err.strerror or err}") from None
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -71,7 +127,7 @@ class LocalStorage(Storage):
         return sorted(
             str(p.relative_to(self.root)).replace(os.sep, "/")
             for p in base.rglob("*")
-            if p.is_file() and ".tmp-" not in p.name
+            if p.is_file() and ".tmp-" not in p.name and not any(part.endswith(".partial") for part in p.parts)
         )
 
     def delete(self, key: str) -> None:
@@ -81,6 +137,22 @@ class LocalStorage(Storage):
         while parent != self.root and parent.is_dir() and not any(parent.iterdir()):
             parent.rmdir()
             parent = parent.parent
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with path.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync_dir(path: Path) -> None:
+    """Make a rename or link in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def open_storage(uri: str) -> Storage:

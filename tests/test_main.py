@@ -103,7 +103,7 @@ def test_status_lists_runs_and_their_generations(run_cli: RunCli, tiny_config, t
     trainer.close()
     result = run_cli("status", "--run-dir", str(tmp_path / "runs"))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["listed", "generations", "1..2"]
+    assert result.stdout.split() == ["listed", "local:", "generations", "1,", "2"]
 
 
 def test_status_of_an_empty_folder(tmp_path: Path) -> None:

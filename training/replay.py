@@ -36,7 +36,9 @@ class Transitions:
 
 
 class ReplayBuffer:
-    def __init__(self, capacity: int, streams: int, obs_dim: int, act_dim: int, seed: int) -> None:
+    def __init__(
+        self, capacity: int, streams: int, obs_dim: int, act_dim: int, seed: int, shard_mb: float = 16.0
+    ) -> None:
         if capacity < streams:
             raise ValueError(f"replay capacity {capacity} is smaller than the {streams} env streams")
         self.streams = streams
@@ -60,6 +62,9 @@ class ReplayBuffer:
         }
         self.cursor = 0
         self.filled_rows = 0
+        self.shard_rows = max(1, int(shard_mb * 2**20 * self.rows / self.nbytes))
+        """Rows per checkpoint shard (about ``shard_mb`` MiB each)."""
+        self._dirty = np.ones(-(-self.rows // self.shard_rows), np.bool_)
         self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
@@ -75,6 +80,7 @@ class ReplayBuffer:
         row = self.cursor
         for name in FIELDS:
             self.data[name][row] = getattr(step, name)
+        self._dirty[row // self.shard_rows] = True
         self.cursor = (row + 1) % self.rows
         self.filled_rows = min(self.filled_rows + 1, self.rows)
 
@@ -91,30 +97,58 @@ class ReplayBuffer:
 
     # ------------------------------------------------------------ checkpoint state
 
-    def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """(arrays of the filled rows, JSON metadata). Arrays are the storage itself: copy
-        or write them out before the buffer changes."""
-        arrays = {name: arr[: self.filled_rows] for name, arr in self.data.items()}
+    def state(self) -> tuple[dict[str, bytes | None], dict[str, Any]]:
+        """(shard blobs, JSON metadata). The filled rows are cut into shards of ``shard_rows``
+        rows, each the raw bytes of every field's rows in ``FIELDS`` order. A shard that did not
+        change since ``mark_saved`` is ``None``: the caller references its stored copy."""
+        blobs: dict[str, bytes | None] = {}
+        shards = []
+        for index, start in enumerate(range(0, self.filled_rows, self.shard_rows)):
+            stop = min(start + self.shard_rows, self.filled_rows)
+            name = f"replay/{index:05d}"
+            blobs[name] = b"".join(self.data[f][start:stop].tobytes() for f in FIELDS) if self._dirty[index] else None
+            shards.append([name, start, stop])
         meta = {
             "cursor": self.cursor,
             "filled_rows": self.filled_rows,
             "rows": self.rows,
             "streams": self.streams,
+            "fields": {name: [arr.dtype.str, list(arr.shape[2:])] for name, arr in self.data.items()},
+            "shards": shards,
             "rng": self.rng.bit_generator.state,
         }
-        return arrays, meta
+        return blobs, meta
 
-    def load_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    def mark_saved(self) -> None:
+        """Every shard is now stored: the next ``state`` hands out only shards written after this."""
+        self._dirty[:] = False
+
+    def load_state(self, blobs: dict[str, bytes], meta: dict[str, Any]) -> None:
+        """Restore from ``state``'s metadata and every shard's bytes; all shards count as changed
+        (the next save writes them all, e.g. to a fresh local disk)."""
         if meta["rows"] != self.rows or meta["streams"] != self.streams:
             raise ValueError(
                 f"replay layout {meta['rows']}x{meta['streams']} does not match {self.rows}x{self.streams}"
             )
-        filled = int(meta["filled_rows"])
-        for name, arr in self.data.items():
-            arr[:filled] = arrays[name]
+        fields = {name: [arr.dtype.str, list(arr.shape[2:])] for name, arr in self.data.items()}
+        if meta["fields"] != fields:
+            raise ValueError(f"replay fields {meta['fields']} do not match {fields}")
+        for name, start, stop in meta["shards"]:
+            self._load_shard(blobs[name], start, stop)
         self.cursor = int(meta["cursor"])
-        self.filled_rows = filled
+        self.filled_rows = int(meta["filled_rows"])
         self.rng.bit_generator.state = meta["rng"]
+        self._dirty[:] = True
+
+    def _load_shard(self, blob: bytes, start: int, stop: int) -> None:
+        sizes = [self.data[f][start:stop].nbytes for f in FIELDS]
+        if len(blob) != sum(sizes):
+            raise ValueError(f"replay shard of rows {start}..{stop} holds {len(blob)} bytes, expected {sum(sizes)}")
+        offset = 0
+        for name, size in zip(FIELDS, sizes, strict=True):
+            target = self.data[name][start:stop]
+            target[...] = np.frombuffer(blob, target.dtype, target.size, offset).reshape(target.shape)
+            offset += size
 
 
 def _warn_if_too_large(nbytes: int) -> None:

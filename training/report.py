@@ -57,6 +57,7 @@ def status_block(record: dict[str, Any]) -> str:
         f"  elite         slot {r['elite_slot']}  lineage {r['elite_lineage']}",
         _memory_line(r),
         _census_line(r),
+        _checkpoint_line(r),
         "  leak sentinel "
         + (
             f"WARNING: steady growth in {', '.join(r['leak_warnings'])}"
@@ -76,6 +77,18 @@ def status_block(record: dict[str, Any]) -> str:
             f"pinned host {r.get('cuda_pinned_host_mb', 0):,.0f} MB"
         )
     return "\n".join([line for line in lines if line])
+
+
+def _checkpoint_line(r: dict[str, Any]) -> str:
+    if not r.get("checkpoint_s"):
+        return ""
+    line = f"  checkpoint    previous commit blocked {r['checkpoint_s']:.2f}s"
+    if "upload_pending" not in r:
+        return line
+    if not r["upload_pending"]:
+        return line + "  upload up to date"
+    error = f"  retrying: {r['upload_error']}" if r["upload_error"] else ""
+    return line + f"  upload {r['upload_pending']} generation(s) behind ({r['upload_lag_s']:.0f}s){error}"
 
 
 def _memory_line(r: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ import torch
 from agents import Batch, make_population
 from cloud import checkpoint as ckpt
 from cloud.storage import Storage, StorageError
+from cloud.upload import Uploader
 from config import Config, UserError
 from training import oom
 from training.envs import EnvPool, make_env
@@ -49,10 +50,21 @@ class Counters:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run: str, storage: Storage, log: MetricsLog, device: torch.device) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        run: str,
+        storage: Storage,
+        log: MetricsLog,
+        device: torch.device,
+        uploader: Uploader | None = None,
+    ) -> None:
+        """``storage`` is local: every generation is committed there before the loop goes on;
+        ``uploader`` copies committed generations to ``run.checkpoint_uri`` in the background."""
         self.cfg = cfg
         self.run_name = run
         self.storage = storage
+        self.uploader = uploader
         self.log = log
         self.device = device
         seed = cfg.run.seed
@@ -62,8 +74,17 @@ class Trainer:
         self.pool = EnvPool(lambda: make_env(cfg.env), cfg.population * cfg.env.envs_per_member)
         self.agent = make_population(cfg.population, self.pool.obs_dim, self.pool.act_dim, cfg.agent, device)
         self.replay = ReplayBuffer(
-            cfg.replay.capacity, len(self.pool), self.pool.obs_dim, self.pool.act_dim, seed=seed + 1
+            cfg.replay.capacity,
+            len(self.pool),
+            self.pool.obs_dim,
+            self.pool.act_dim,
+            seed=seed + 1,
+            shard_mb=cfg.run.replay_shard_mb,
         )
+        self.stored_blobs: dict[str, ckpt.BlobRef] = {}
+        """Replay shards in the newest local checkpoint, referenced again while unchanged."""
+        self.checkpoint_s = 0.0
+        """Time the loop was blocked by the newest checkpoint."""
         self.evolution = Evolution(cfg.evolution, cfg.population, seed=seed + 2)
         self.counters = Counters()
         m = cfg.memory
@@ -283,7 +304,18 @@ class Trainer:
             "mutation_scale": self.evolution.mutation_scale,
             "leak_warnings": [w.series for w in warnings],
             **memory,
+            **self._checkpoint_record(),
         }
+
+    def _checkpoint_record(self) -> dict[str, Any]:
+        """The previous checkpoint's blocking time and, with a remote location, the upload lag."""
+        record: dict[str, Any] = {"checkpoint_s": self.checkpoint_s}
+        if self.uploader is not None:
+            upload = self.uploader.status()
+            record["upload_pending"] = len(upload.pending)
+            record["upload_lag_s"] = upload.oldest_pending_s
+            record["upload_error"] = upload.fatal or upload.error
+        return record
 
     # ------------------------------------------------------------ memory
 
@@ -327,12 +359,16 @@ class Trainer:
     # ------------------------------------------------------------ state, in one place
 
     def state(self) -> ckpt.Checkpoint:
-        """Everything a resumed run needs to continue exactly where this one stands."""
+        """Everything a resumed run needs to continue exactly where this one stands. Replay
+        shards unchanged since the last save are references to their stored copies."""
         tensors = {f"agent.{name}": t for name, t in self.agent.member_tensors().items()}
         tensors["rng.torch"] = torch.get_rng_state()
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        arrays, replay_meta = self.replay.state()
+        shards, replay_meta = self.replay.state()
+        blobs: dict[str, bytes | ckpt.BlobRef] = {
+            name: data if data is not None else self.stored_blobs[name] for name, data in shards.items()
+        }
         py_state = random.getstate()
         meta = {
             "config_hash": self.cfg.hash(),
@@ -346,7 +382,7 @@ class Trainer:
             "telemetry": self.telemetry.state(),
             "sentinel": self.sentinel.state(),
         }
-        return ckpt.Checkpoint(tensors, arrays if self.cfg.run.save_replay else {}, meta)
+        return ckpt.Checkpoint(tensors, meta, blobs if self.cfg.run.save_replay else {})
 
     def restore(self, state: ckpt.Checkpoint) -> None:
         meta = state.meta
@@ -357,7 +393,8 @@ class Trainer:
         if self.device.type == "cuda" and "rng.cuda" in state.tensors:
             torch.cuda.set_rng_state(state.tensors["rng.cuda"], self.device)
         if meta["replay_saved"]:
-            self.replay.load_state(state.arrays, meta["replay"])
+            blobs = {name: blob for name, blob in state.blobs.items() if isinstance(blob, bytes)}
+            self.replay.load_state(blobs, meta["replay"])
         self.evolution.load_state(meta["evolution"])
         version, internal, gauss = meta["rng_python"]
         random.setstate((version, tuple(internal), gauss))
@@ -366,16 +403,44 @@ class Trainer:
         self.sentinel.load_state(meta["sentinel"])
 
     def save_checkpoint(self) -> None:
+        """Commit the generation to local storage (the loop waits for this only), apply
+        retention there, and queue the generation for upload."""
+        started = time.perf_counter()
         generation = self.counters.generation - 1
         try:
-            ckpt.save(self.storage, self.run_name, generation, self.state())
+            self.stored_blobs = ckpt.save(self.storage, self.run_name, generation, self.state())
         except StorageError as err:
             previous = f"generation {generation}" if generation > 0 else "none yet"
             raise StorageError(
                 f"checkpoint of generation {generation + 1} not written ({err}); last complete checkpoint: {previous}"
             ) from None
-        ckpt.prune(self.storage, self.run_name, self.cfg.run.keep_checkpoints, self.cfg.run.keep_every)
+        self.replay.mark_saved()
+        keep, every = self.cfg.run.keep_checkpoints, self.cfg.run.keep_every
+        if self.uploader is None:
+            ckpt.prune(self.storage, self.run_name, keep, every)
+        else:
+            with self.uploader.lock:  # not the generation being read for upload
+                in_flight = () if self.uploader.in_flight is None else (self.uploader.in_flight,)
+                ckpt.prune(self.storage, self.run_name, keep, every, protect=in_flight)
+            self.uploader.submit(generation)
+            if fatal := self.uploader.status().fatal:
+                raise StorageError(f"{fatal}; the run stops (generation {generation + 1} is committed locally)")
+        self.checkpoint_s = time.perf_counter() - started
+
+    def finish_uploads(self, timeout_s: float) -> str:
+        """Wait up to ``timeout_s`` for pending uploads; '' when all are done, else what is left."""
+        if self.uploader is None or self.uploader.wait(timeout_s):
+            return ""
+        upload = self.uploader.status()
+        where = self.cfg.run.checkpoint_uri
+        reason = upload.fatal or upload.error or f"still uploading after {timeout_s:g}s"
+        return (
+            f"generation {upload.pending[-1] + 1} is committed in {self.storage.url(self.run_name)} "
+            f"but not in {where} ({reason}); `python main.py --resume {self.run_name}` finishes the upload"
+        )
 
     def close(self) -> None:
+        if self.uploader is not None:
+            self.uploader.close()
         self.pool.close()
         self.log.close()

@@ -4,15 +4,15 @@ import hashlib
 import io
 import json
 import os
+import pickle
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from cloud import checkpoint as ckpt
 from cloud.checkpoint import Checkpoint, CheckpointError
-from cloud.storage import LocalStorage
+from cloud.storage import AlreadyExists, LocalStorage
 
 RUN = "run"
 
@@ -20,9 +20,13 @@ RUN = "run"
 def sample_checkpoint(generation: int = 0) -> Checkpoint:
     return Checkpoint(
         tensors={"agent.w": torch.full((2, 3), float(generation)), "rng.torch": torch.get_rng_state()},
-        arrays={"obs": np.arange(12, dtype=np.float32).reshape(3, 4) + generation, "flags": np.array([True, False])},
         meta={"generation": generation, "counters": {"env_steps": 10 * generation}, "rng": [1, 2, 3]},
+        blobs={"replay/00000": b"shard zero", "replay/00001": f"shard one of generation {generation}".encode()},
     )
+
+
+def blob_path(storage: LocalStorage, data: bytes) -> Path:
+    return storage.root / RUN / ckpt.OBJECTS / hashlib.sha256(data).hexdigest()
 
 
 @pytest.fixture
@@ -58,37 +62,58 @@ def flip_a_byte(path: Path) -> None:
 # ---------------------------------------------------------------- round trip
 
 
-def test_save_then_load_round_trips_tensors_arrays_and_meta(storage: LocalStorage) -> None:
+def test_save_then_load_round_trips_tensors_blobs_and_meta(storage: LocalStorage) -> None:
     original = sample_checkpoint(3)
     ckpt.save(storage, RUN, 3, original)
     loaded = ckpt.load(storage, RUN, 3)
     assert sorted(loaded.tensors) == sorted(original.tensors)
     for name, tensor in original.tensors.items():
         assert torch.equal(loaded.tensors[name], tensor), name
-    assert sorted(loaded.arrays) == sorted(original.arrays)
-    for name, array in original.arrays.items():
-        np.testing.assert_array_equal(loaded.arrays[name], array)
-        assert loaded.arrays[name].dtype == array.dtype
+    assert loaded.blobs == original.blobs
     assert loaded.meta == original.meta
 
 
-def test_save_writes_objects_a_manifest_and_the_latest_hint(storage: LocalStorage) -> None:
+def test_save_writes_objects_shared_blobs_a_manifest_and_the_latest_hint(storage: LocalStorage) -> None:
     saved(storage, 2)
-    keys = storage.list(f"{RUN}/gen-000001")
     prefix = f"{RUN}/gen-000001/"
-    assert sorted(k[len(prefix) :] for k in keys) == [
-        "MANIFEST.json",
-        "arrays/flags.npy",
-        "arrays/obs.npy",
-        "state.json",
-        "tensors.pt",
-    ]
+    assert sorted(k[len(prefix) :] for k in storage.list(prefix)) == ["MANIFEST.json", "state.json", "tensors.pt"]
     manifest = json.loads(storage.read(f"{prefix}MANIFEST.json"))
     assert manifest["format"] == ckpt.FORMAT and manifest["generation"] == 1
     for name, entry in manifest["objects"].items():
         data = storage.read(prefix + name)
         assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    for name, ref in manifest["shared"].items():
+        data = storage.read(f"{RUN}/{ref['key']}")
+        assert data == sample_checkpoint(1).blobs[name]
+        assert ref == {"key": f"objects/{hashlib.sha256(data).hexdigest()}", "size": len(data), "sha256": ref["sha256"]}
     assert storage.read(f"{RUN}/LATEST") == b"gen-000001"
+    assert not list(storage.root.glob(f"{RUN}/.*")), "no temporary folder or file is left behind"
+
+
+def test_unchanged_blobs_are_referenced_not_written_again(storage: LocalStorage) -> None:
+    refs = ckpt.save(storage, RUN, 0, sample_checkpoint(0))
+    zero = blob_path(storage, b"shard zero")
+    written = zero.stat().st_mtime_ns
+    second = sample_checkpoint(1)
+    second.blobs["replay/00000"] = refs["replay/00000"]
+    ckpt.save(storage, RUN, 1, second)
+    assert zero.stat().st_mtime_ns == written
+    assert ckpt.load(storage, RUN, 1).blobs["replay/00000"] == b"shard zero"
+    assert len(storage.list(f"{RUN}/{ckpt.OBJECTS}")) == 3  # shard zero once, shard one of each generation
+
+
+def test_a_committed_generation_is_never_overwritten(storage: LocalStorage) -> None:
+    saved(storage, 1)
+    with pytest.raises(AlreadyExists, match="already"):
+        ckpt.save(storage, RUN, 0, sample_checkpoint(5))
+    assert ckpt.load(storage, RUN, 0).meta["generation"] == 0
+
+
+def test_an_uncommitted_attempt_is_replaced(storage: LocalStorage) -> None:
+    saved(storage, 1)
+    object_path(storage, 0, ckpt.MANIFEST).unlink()  # a crash right before the commit
+    ckpt.save(storage, RUN, 0, sample_checkpoint(7))
+    assert ckpt.load(storage, RUN, 0).meta["generation"] == 7
 
 
 def test_generations_lists_committed_generations_newest_first(storage: LocalStorage) -> None:
@@ -101,7 +126,7 @@ def test_generations_lists_committed_generations_newest_first(storage: LocalStor
 
 def test_load_latest_takes_the_newest_generation(storage: LocalStorage) -> None:
     saved(storage, 3)
-    generation, state, rejected = ckpt.load_latest(storage, RUN)
+    generation, state, rejected = ckpt.load_latest([storage], RUN)
     assert (generation, state.meta["generation"], rejected) == (2, 2, [])
 
 
@@ -113,28 +138,76 @@ def test_a_flipped_byte_rejects_the_generation_and_falls_back(storage: LocalStor
     flip_a_byte(object_path(storage, 2, "tensors.pt"))
     with pytest.raises(CheckpointError, match="gen-000002/tensors.pt does not match its manifest"):
         ckpt.load(storage, RUN, 2)
-    generation, state, rejected = ckpt.load_latest(storage, RUN)
+    generation, state, rejected = ckpt.load_latest([storage], RUN)
     assert generation == 1 and state.meta["generation"] == 1
     assert len(rejected) == 1
-    assert rejected[0].startswith("generation 2 rejected:") and "does not match its manifest" in rejected[0]
+    assert rejected[0].startswith("generation 3 rejected:") and "does not match its manifest" in rejected[0]
 
 
-@pytest.mark.parametrize("name", ["state.json", "arrays/obs.npy"])
-def test_every_object_is_verified(storage: LocalStorage, name: str) -> None:
+def test_every_object_is_verified(storage: LocalStorage) -> None:
     saved(storage, 2)
-    flip_a_byte(object_path(storage, 1, name))
-    generation, _, rejected = ckpt.load_latest(storage, RUN)
+    flip_a_byte(object_path(storage, 1, "state.json"))
+    generation, _, rejected = ckpt.load_latest([storage], RUN)
     assert generation == 0
-    assert name in rejected[0]
+    assert "state.json" in rejected[0]
 
 
-def test_a_missing_object_rejects_the_generation(storage: LocalStorage) -> None:
+def test_shared_blobs_are_verified(storage: LocalStorage) -> None:
     saved(storage, 2)
-    object_path(storage, 1, "arrays/obs.npy").unlink()
-    with pytest.raises(CheckpointError, match="arrays/obs.npy is missing"):
+    flip_a_byte(blob_path(storage, b"shard one of generation 1"))
+    generation, _, rejected = ckpt.load_latest([storage], RUN)
+    assert generation == 0
+    assert "objects/" in rejected[0] and "does not match its manifest" in rejected[0]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_a_truncated_or_missing_object_rejects_the_generation(storage: LocalStorage, damage: str) -> None:
+    saved(storage, 2)
+    path = object_path(storage, 1, "tensors.pt")
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        path.unlink()
+    reason = "does not match its manifest" if damage == "truncate" else "is missing"
+    with pytest.raises(CheckpointError, match=f"gen-000001/tensors.pt {reason}"):
         ckpt.load(storage, RUN, 1)
-    generation, _, rejected = ckpt.load_latest(storage, RUN)
-    assert generation == 0 and "is missing" in rejected[0]
+    generation, _, rejected = ckpt.load_latest([storage], RUN)
+    assert generation == 0 and reason in rejected[0]
+
+
+def test_a_damaged_object_is_taken_from_the_other_copy(tmp_path: Path) -> None:
+    local, remote = saved(LocalStorage(tmp_path / "local"), 2), saved(LocalStorage(tmp_path / "remote"), 2)
+    flip_a_byte(object_path(local, 1, "tensors.pt"))
+    blob_path(remote, b"shard one of generation 1").unlink()
+    generation, state, rejected = ckpt.load_latest([local, remote], RUN)
+    assert (generation, rejected) == (1, [])
+    assert state.blobs["replay/00001"] == b"shard one of generation 1"
+    assert torch.equal(state.tensors["agent.w"], torch.full((2, 3), 1.0))
+
+
+def test_the_newest_generation_of_either_location_wins(tmp_path: Path) -> None:
+    local, remote = saved(LocalStorage(tmp_path / "local"), 2), saved(LocalStorage(tmp_path / "remote"), 4)
+    generation, state, _ = ckpt.load_latest([local, remote], RUN)
+    assert generation == 3 and state.meta["generation"] == 3
+
+
+def test_discard_after_removes_newer_manifests_so_they_can_be_committed_again(storage: LocalStorage) -> None:
+    saved(storage, 4)
+    assert ckpt.discard_after(storage, RUN, 1) == [3, 2]
+    assert ckpt.generations(storage, RUN) == [1, 0]
+    ckpt.save(storage, RUN, 2, sample_checkpoint(2))
+    assert ckpt.generations(storage, RUN) == [2, 1, 0]
+
+
+def test_a_manifest_pointing_outside_the_blob_folder_is_refused(storage: LocalStorage) -> None:
+    saved(storage, 1)
+    (storage.root / "secret").write_bytes(b"not part of any run")
+    manifest_path = object_path(storage, 0, ckpt.MANIFEST)
+    manifest = json.loads(manifest_path.read_text())
+    manifest["shared"]["replay/00000"] = {"key": "../secret", "size": 19, "sha256": hashlib.sha256(b"x").hexdigest()}
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="outside objects/"):
+        ckpt.load(storage, RUN, 0)
 
 
 def test_a_missing_manifest_means_no_generation(storage: LocalStorage) -> None:
@@ -142,7 +215,7 @@ def test_a_missing_manifest_means_no_generation(storage: LocalStorage) -> None:
     object_path(storage, 1, ckpt.MANIFEST).unlink()
     with pytest.raises(CheckpointError, match="MANIFEST.json is missing"):
         ckpt.load(storage, RUN, 1)
-    generation, _, rejected = ckpt.load_latest(storage, RUN)
+    generation, _, rejected = ckpt.load_latest([storage], RUN)
     assert (generation, rejected) == (0, [])
 
 
@@ -150,8 +223,10 @@ def test_a_missing_manifest_means_no_generation(storage: LocalStorage) -> None:
     ("text", "message"),
     [
         ("{not json", "is not valid JSON"),
-        ('{"format": "other/9", "objects": {}}', "is not a evorl-checkpoint/1"),
-        ("[1, 2]", "is not a evorl-checkpoint/1"),
+        ('{"format": "other/9", "objects": {}}', "is not a evorl-checkpoint/2"),
+        ('{"format": "evorl-checkpoint/1", "objects": {}}', "is not a evorl-checkpoint/2"),
+        ("[1, 2]", "is not a evorl-checkpoint/2"),
+        ('{"format": "evorl-checkpoint/2", "generation": 1}', "is malformed"),
     ],
 )
 def test_an_invalid_manifest_rejects_the_generation(storage: LocalStorage, text: str, message: str) -> None:
@@ -159,17 +234,17 @@ def test_an_invalid_manifest_rejects_the_generation(storage: LocalStorage, text:
     object_path(storage, 1, ckpt.MANIFEST).write_text(text)
     with pytest.raises(CheckpointError, match=message):
         ckpt.load(storage, RUN, 1)
-    generation, _, rejected = ckpt.load_latest(storage, RUN)
+    generation, _, rejected = ckpt.load_latest([storage], RUN)
     assert generation == 0 and message in rejected[0]
 
 
 def test_no_verified_generation_at_all(storage: LocalStorage) -> None:
     saved(storage, 1)
     flip_a_byte(object_path(storage, 0, "tensors.pt"))
-    with pytest.raises(CheckpointError, match=r"no verified checkpoint in run 'run' \(generation 0 rejected"):
-        ckpt.load_latest(storage, RUN)
+    with pytest.raises(CheckpointError, match=r"no verified checkpoint in .*/run \(generation 1 rejected"):
+        ckpt.load_latest([storage], RUN)
     with pytest.raises(CheckpointError, match="no verified checkpoint"):
-        ckpt.load_latest(storage, "empty")
+        ckpt.load_latest([storage], "empty")
 
 
 # ---------------------------------------------------------------- retention
@@ -184,6 +259,36 @@ def test_prune_keeps_the_newest_generations(storage: LocalStorage) -> None:
     assert ckpt.load(storage, RUN, 3).meta["generation"] == 3
     ckpt.prune(storage, RUN, keep=1)
     assert ckpt.generations(storage, RUN) == [4]
+
+
+def test_prune_deletes_blobs_that_no_kept_generation_references(storage: LocalStorage) -> None:
+    refs = ckpt.save(storage, RUN, 0, sample_checkpoint(0))
+    for generation in (1, 2):
+        state = sample_checkpoint(generation)
+        state.blobs["replay/00000"] = refs["replay/00000"]  # unchanged shard: shared by every generation
+        ckpt.save(storage, RUN, generation, state)
+    deleted = ckpt.prune(storage, RUN, keep=1)
+    assert blob_path(storage, b"shard zero").exists()
+    assert not blob_path(storage, b"shard one of generation 1").exists()
+    assert f"{RUN}/objects/{hashlib.sha256(b'shard one of generation 0').hexdigest()}" in deleted
+    assert sorted(storage.list(f"{RUN}/{ckpt.OBJECTS}")) == sorted(
+        f"{RUN}/objects/{hashlib.sha256(b).hexdigest()}" for b in (b"shard zero", b"shard one of generation 2")
+    )
+    assert ckpt.load(storage, RUN, 2).blobs["replay/00000"] == b"shard zero"
+
+
+def test_prune_spares_protected_generations(storage: LocalStorage) -> None:
+    saved(storage, 4)
+    ckpt.prune(storage, RUN, keep=1, protect={1})
+    assert ckpt.generations(storage, RUN) == [3, 1]
+    assert ckpt.load(storage, RUN, 1).meta["generation"] == 1
+
+
+def test_prune_deletes_no_blob_while_a_manifest_is_unreadable(storage: LocalStorage) -> None:
+    saved(storage, 3)
+    object_path(storage, 2, ckpt.MANIFEST).write_text("{damaged")
+    ckpt.prune(storage, RUN, keep=2)
+    assert blob_path(storage, b"shard one of generation 1").exists()
 
 
 def test_prune_with_fewer_generations_than_kept_deletes_nothing(storage: LocalStorage) -> None:
@@ -223,18 +328,17 @@ def test_a_tensor_file_that_would_execute_code_is_refused(storage: LocalStorage,
     with pytest.raises(CheckpointError, match="tensors.pt holds objects other than tensors"):
         ckpt.load(storage, RUN, 1)
     assert not marker.exists()
-    generation, _, rejected = ckpt.load_latest(storage, RUN)
+    generation, _, rejected = ckpt.load_latest([storage], RUN)
     assert generation == 0 and "refused" in rejected[0]
     assert not marker.exists()
 
 
-def test_an_array_file_holding_pickled_objects_is_refused(storage: LocalStorage) -> None:
+def test_a_state_file_that_is_not_json_is_refused(storage: LocalStorage, tmp_path: Path) -> None:
     saved(storage, 1)
-    buffer = io.BytesIO()
-    np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    rewrite_manifest_entry(storage, 0, "arrays/obs.npy", buffer.getvalue())
-    with pytest.raises(CheckpointError, match="cannot be decoded"):
+    rewrite_manifest_entry(storage, 0, "state.json", pickle.dumps(_TouchFile(tmp_path / "pwned")))
+    with pytest.raises(CheckpointError, match="state.json cannot be decoded"):
         ckpt.load(storage, RUN, 0)
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_prune_also_keeps_every_mth_generation(storage: LocalStorage) -> None:

@@ -65,8 +65,8 @@ def storage(bucket: str) -> GCSStorage:
 def sample_checkpoint(generation: int) -> Checkpoint:
     return Checkpoint(
         tensors={"agent.w": torch.full((2, 3), float(generation))},
-        arrays={"obs": np.arange(12, dtype=np.float32).reshape(3, 4) + generation},
         meta={"generation": generation, "counters": {"env_steps": 10 * generation}},
+        blobs={"replay/00000": np.arange(6, dtype=np.float32).tobytes() + bytes([generation])},
     )
 
 
@@ -208,14 +208,14 @@ def test_checkpoints_round_trip_in_the_local_format(storage: GCSStorage) -> None
     for generation in range(2):
         ckpt.save(storage, RUN, generation, sample_checkpoint(generation))
     assert storage.list(f"{RUN}/gen-000001") == [
-        f"{RUN}/gen-000001/{name}" for name in ["MANIFEST.json", "arrays/obs.npy", "state.json", "tensors.pt"]
+        f"{RUN}/gen-000001/{name}" for name in ["MANIFEST.json", "state.json", "tensors.pt"]
     ]
     assert storage.read(f"{RUN}/LATEST") == b"gen-000001"
     loaded = ckpt.load(storage, RUN, 1)
     assert torch.equal(loaded.tensors["agent.w"], torch.full((2, 3), 1.0))
-    np.testing.assert_array_equal(loaded.arrays["obs"], sample_checkpoint(1).arrays["obs"])
+    assert loaded.blobs == sample_checkpoint(1).blobs
     assert loaded.meta == sample_checkpoint(1).meta
-    generation, state, rejected = ckpt.load_latest(storage, RUN)
+    generation, state, rejected = ckpt.load_latest([storage], RUN)
     assert (generation, state.meta["generation"], rejected) == (1, 1, [])
 
 
@@ -228,6 +228,6 @@ def test_a_flipped_byte_in_the_bucket_falls_back_to_the_previous_generation(stor
     blob.upload_from_string(bytes(data))
     with pytest.raises(CheckpointError, match="gen-000002/tensors.pt does not match its manifest"):
         ckpt.load(storage, RUN, 2)
-    generation, state, rejected = ckpt.load_latest(storage, RUN)
+    generation, state, rejected = ckpt.load_latest([storage], RUN)
     assert generation == 1 and state.meta["generation"] == 1
-    assert len(rejected) == 1 and rejected[0].startswith("generation 2 rejected:")
+    assert len(rejected) == 1 and rejected[0].startswith("generation 3 rejected:")

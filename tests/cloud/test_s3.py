@@ -32,8 +32,8 @@ def storage(s3_server: S3Server, request: pytest.FixtureRequest) -> S3Storage:  
 def sample_checkpoint(generation: int) -> Checkpoint:
     return Checkpoint(
         tensors={"agent.w": torch.full((2, 3), float(generation))},
-        arrays={"obs": np.arange(6, dtype=np.float32) + generation},
         meta={"generation": generation, "counters": {"env_steps": 10 * generation}},
+        blobs={"replay/00000": np.arange(6, dtype=np.float32).tobytes() + bytes([generation])},
     )
 
 
@@ -215,9 +215,9 @@ def test_checkpoints_save_and_load_through_s3(storage: S3Storage) -> None:
     assert storage.read(f"{RUN}/LATEST") == b"gen-000002"
     loaded = ckpt.load(storage, RUN, 1)
     assert torch.equal(loaded.tensors["agent.w"], torch.full((2, 3), 1.0))
-    np.testing.assert_array_equal(loaded.arrays["obs"], np.arange(6, dtype=np.float32) + 1)
+    assert loaded.blobs == sample_checkpoint(1).blobs
     assert loaded.meta == {"generation": 1, "counters": {"env_steps": 10}}
-    generation, state, rejected = ckpt.load_latest(storage, RUN)
+    generation, state, rejected = ckpt.load_latest([storage], RUN)
     assert (generation, state.meta["generation"], rejected) == (2, 2, [])
 
 
@@ -240,6 +240,6 @@ def test_a_flipped_byte_in_s3_falls_back_to_the_previous_generation(storage: S3S
     storage.write(key, bytes(blob))
     with pytest.raises(CheckpointError, match="gen-000002/tensors.pt does not match its manifest"):
         ckpt.load(storage, RUN, 2)
-    generation, state, rejected = ckpt.load_latest(storage, RUN)
+    generation, state, rejected = ckpt.load_latest([storage], RUN)
     assert (generation, state.meta["generation"]) == (1, 1)
-    assert len(rejected) == 1 and rejected[0].startswith("generation 2 rejected:")
+    assert len(rejected) == 1 and rejected[0].startswith("generation 3 rejected:")

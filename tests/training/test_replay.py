@@ -123,10 +123,10 @@ def test_sampling_an_empty_buffer_is_refused() -> None:
 def test_state_round_trip_restores_contents_and_rng() -> None:
     original = filled(capacity=8 * STREAMS, rows=11, seed=3)
     original.sample(2, 5)  # advance the rng
-    arrays, meta = original.state()
+    blobs, meta = original.state()
     meta = json.loads(json.dumps(meta))  # it is stored as JSON
     copy = ReplayBuffer(8 * STREAMS, STREAMS, OBS, ACT, seed=99)
-    copy.load_state({name: a.copy() for name, a in arrays.items()}, meta)
+    copy.load_state(complete(blobs), meta)
     for name in FIELDS:
         np.testing.assert_array_equal(copy.data[name], original.data[name])
     assert (copy.cursor, copy.filled_rows, len(copy)) == (original.cursor, original.filled_rows, len(original))
@@ -139,16 +139,64 @@ def test_state_round_trip_restores_contents_and_rng() -> None:
     np.testing.assert_array_equal(copy.data["reward"], original.data["reward"])
 
 
+def complete(blobs: dict[str, bytes | None]) -> dict[str, bytes]:
+    assert all(blob is not None for blob in blobs.values())
+    return {name: blob for name, blob in blobs.items() if blob is not None}
+
+
+def row_bytes(buffer: ReplayBuffer) -> int:
+    return buffer.nbytes // buffer.rows
+
+
 def test_state_holds_only_filled_rows() -> None:
-    arrays, meta = filled(capacity=30, rows=4).state()
-    assert arrays["obs"].shape == (4, STREAMS, OBS)
+    buffer = filled(capacity=30, rows=4)
+    blobs, meta = buffer.state()
     assert meta["filled_rows"] == 4
+    assert sum(len(b) for b in complete(blobs).values()) == 4 * row_bytes(buffer)
+
+
+def test_state_is_cut_into_shards_of_about_the_requested_size() -> None:
+    probe = ReplayBuffer(1000 * STREAMS, STREAMS, OBS, ACT, seed=0)
+    buffer = ReplayBuffer(1000 * STREAMS, STREAMS, OBS, ACT, seed=0, shard_mb=10 * row_bytes(probe) / 2**20)
+    assert buffer.shard_rows == 10
+    for i in range(25):
+        buffer.add(step(float(i)))
+    blobs, meta = buffer.state()
+    assert list(blobs) == ["replay/00000", "replay/00001", "replay/00002"]
+    assert [shard[1:] for shard in meta["shards"]] == [[0, 10], [10, 20], [20, 25]]
+    assert [len(b) for b in complete(blobs).values()] == [10 * row_bytes(buffer)] * 2 + [5 * row_bytes(buffer)]
+
+
+def test_only_shards_written_since_the_last_save_are_handed_out() -> None:
+    probe = ReplayBuffer(30 * STREAMS, STREAMS, OBS, ACT, seed=0)
+    buffer = ReplayBuffer(30 * STREAMS, STREAMS, OBS, ACT, seed=0, shard_mb=10 * row_bytes(probe) / 2**20)
+    for i in range(30):
+        buffer.add(step(float(i)))
+    buffer.mark_saved()
+    assert all(blob is None for blob in buffer.state()[0].values())
+    buffer.add(step(-1.0))  # the ring wraps: row 0 is overwritten
+    blobs, _ = buffer.state()
+    assert [name for name, blob in blobs.items() if blob is not None] == ["replay/00000"]
+
+    fresh = filled(capacity=30 * STREAMS, rows=30)  # the same contents, never saved: every shard is handed out
+    fresh.add(step(-1.0))
+    copy = ReplayBuffer(30 * STREAMS, STREAMS, OBS, ACT, seed=0, shard_mb=10 * row_bytes(probe) / 2**20)
+    copy.load_state(complete(fresh.state()[0]), fresh.state()[1])
+    np.testing.assert_array_equal(copy.data["reward"], buffer.data["reward"])
+    assert all(blob is not None for blob in copy.state()[0].values()), "a restored buffer saves every shard next"
 
 
 def test_load_state_refuses_another_layout() -> None:
-    arrays, meta = filled(capacity=30, rows=4).state()
+    blobs, meta = filled(capacity=30, rows=4).state()
     with pytest.raises(ValueError, match="does not match"):
-        ReplayBuffer(60, STREAMS, OBS, ACT, seed=0).load_state(arrays, meta)
+        ReplayBuffer(60, STREAMS, OBS, ACT, seed=0).load_state(complete(blobs), meta)
+
+
+def test_load_state_refuses_a_shard_of_the_wrong_size() -> None:
+    blobs, meta = filled(capacity=30, rows=4).state()
+    damaged = {name: blob[:-1] for name, blob in complete(blobs).items()}
+    with pytest.raises(ValueError, match="holds .* bytes, expected"):
+        ReplayBuffer(30, STREAMS, OBS, ACT, seed=0).load_state(damaged, meta)
 
 
 # ---------------------------------------------------------------- MEMORY.md rule 2: samples own their memory

@@ -146,7 +146,8 @@ def test_resume_falls_back_past_a_corrupted_checkpoint(tiny_config: TinyConfig, 
     newest.write_bytes(bytes(blob))
     resumed = resume(stopped)  # reruns generation 3 from generation 2's checkpoint
     out = capsys.readouterr().out
-    assert "generation 2 rejected" in out and "does not match its manifest" in out
+    assert "generation 3 rejected" in out and "does not match its manifest" in out
+    assert "removed the manifest of rejected generation 3" in out
     assert "resuming run 'stopped' after generation 2" in out
     assert_same_run(straight, resumed)
 
