@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 from abc import ABC, abstractmethod
+from contextlib import suppress
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -79,7 +80,8 @@ class LocalStorage(Storage):
             _write_synced(tmp, data)
             os.replace(tmp, path)
         except OSError as err:  # a full disk, a quota, a read-only mount, ...
-            tmp.unlink(missing_ok=True)
+            with suppress(OSError):
+                tmp.unlink(missing_ok=True)
             raise StorageError(f"cannot write to {path}: {err.strerror or err}") from None
 
     def write_new(self, key: str, data: bytes) -> None:
@@ -96,7 +98,8 @@ class LocalStorage(Storage):
         except OSError as err:
             raise StorageError(f"cannot write to {path}: {err.strerror or err}") from None
         finally:
-            tmp.unlink(missing_ok=True)
+            with suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
     def write_many(self, prefix: str, objects: dict[str, bytes]) -> None:
         """Into a hidden temporary folder, synced, then renamed to ``prefix`` in one step."""

@@ -117,12 +117,12 @@ class Uploader:
                 generation = min(self._pending)
             try:
                 self._upload(generation)
+                self._prune_remote()
                 self._done(generation, error="")
                 backoff = min(1.0, self.max_backoff_s)
-                self._prune_remote()
             except _Skip as skip:
                 self._done(generation, error=str(skip))
-            except StorageError as err:
+            except (StorageError, OSError) as err:  # unreachable, denied, full, ...: retried
                 with self._wake:
                     self._error = f"generation {generation + 1}: {err}"
                     if not self._closed:
@@ -172,7 +172,7 @@ class Uploader:
         """Retention on the remote side; a failure is left for the next upload to retry."""
         try:
             deleted = ckpt.prune(self.remote, self.run, self.keep, self.keep_every)
-        except StorageError:
+        except (StorageError, OSError):
             self._remote_blobs = None  # what was deleted is unknown: list again next time
             return
         if self._remote_blobs is not None:
