@@ -158,22 +158,28 @@ def _sync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def open_storage(uri: str) -> Storage:
+def open_storage(uri: str, *, quick: bool = False) -> Storage:
     """Storage for a local path (or ``file://`` URI), ``s3://bucket/prefix`` or ``gs://bucket/prefix``.
 
-    The cloud clients are optional extras, imported only when their scheme is used.
+    ``quick`` gives up on an unreachable server within seconds (for the check before training)
+    instead of retrying for a minute or two as background uploads should. The cloud clients are
+    optional extras, imported only when their scheme is used.
     """
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file"):
         return LocalStorage(parsed.path if parsed.scheme else uri)
     if parsed.scheme == "s3":
-        from cloud.s3 import S3Storage
-
-        return S3Storage.from_uri(uri)
+        try:
+            from cloud.s3 import S3Storage
+        except ImportError:
+            raise StorageError(f"{uri} needs boto3: pip install 'evorl[s3]'") from None
+        return S3Storage.from_uri(uri, max_attempts=2, connect_timeout=3) if quick else S3Storage.from_uri(uri)
     if parsed.scheme == "gs":
-        from cloud.gcs import GCSStorage
-
-        return GCSStorage.from_uri(uri)
+        try:
+            from cloud.gcs import GCSStorage
+        except ImportError:
+            raise StorageError(f"{uri} needs google-cloud-storage: pip install 'evorl[gcs]'") from None
+        return GCSStorage.from_uri(uri, timeout=5, deadline=8) if quick else GCSStorage.from_uri(uri)
     raise StorageError(f"unsupported storage URI {uri!r}; use a local path, s3://bucket/prefix or gs://bucket/prefix")
 
 
@@ -186,4 +192,4 @@ def check_writable(storage: Storage, key: str) -> None:
             raise StorageError(f"storage at {key!r} did not return what was written")
         storage.delete(marker)
     except OSError as err:
-        raise StorageError(f"cannot write to {getattr(storage, 'root', '')}/{key}: {err.strerror}") from None
+        raise StorageError(f"cannot use {storage.url(key)}: {err.strerror or err}") from None

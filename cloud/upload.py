@@ -98,11 +98,13 @@ class Uploader:
             return not self._pending
 
     def close(self) -> None:
-        """Stop the thread after the object in progress; pending generations stay local."""
+        """Stop the thread; pending generations stay local. A request in flight is not waited
+        for beyond a second: the thread is a daemon, and an upload cut short is harmless (the
+        remote manifest is written last)."""
         with self._wake:
             self._closed = True
             self._wake.notify_all()
-        self._thread.join(timeout=60)
+        self._thread.join(timeout=1.0)
 
     # ------------------------------------------------------------ the background thread
 

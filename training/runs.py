@@ -21,6 +21,8 @@ from training.report import MetricsLog
 from training.trainer import Trainer
 
 RUN_FILE = "run.json"
+CHECK_KEY = ".evorl-check"
+"""Where the storage check writes its marker (below the checkpoint URI)."""
 VERSION = 1
 RESUME_MAY_CHANGE = (
     "train.generations",
@@ -67,7 +69,7 @@ class RunInfo:
 def list_runs(run_dir: str, checkpoint_uri: str = "") -> list[RunInfo]:
     """Runs in ``run_dir`` and at ``checkpoint_uri`` with their generations, oldest run first."""
     local = _local_storage(run_dir)
-    remote = _remote_storage(checkpoint_uri, local)
+    remote = _remote_storage(checkpoint_uri, local, check=False)
     created: dict[str, float] = {}
     for storage in [s for s in (local, remote) if s is not None]:
         for name in _run_names(storage):
@@ -91,8 +93,6 @@ def start(cfg: Config) -> Trainer:
     for storage in (local, remote):
         if storage is not None and storage.exists(f"{name}/{RUN_FILE}"):
             raise UserError(f"run {name!r} already exists in {storage.url('')}; use --resume or another --name")
-    if remote is not None:
-        check_writable(remote, name)
     trainer = _build(cfg, name, local, remote)
     record = json.dumps(
         {"version": VERSION, "created": time.time(), "config_hash": cfg.hash(), "config": cfg.to_dict()}, indent=1
@@ -121,8 +121,7 @@ def resume(run_dir: str, name: str, overrides: dict[str, Any], allow: Sequence[s
         raise UserError(f"nothing to resume: no run {name!r} in {' or '.join(s.url('') for s in storages)}")
     if saved.get("version") != VERSION:
         raise UserError(f"run {name!r} was written by an incompatible version ({saved.get('version')})")
-    for storage in storages:
-        check_writable(storage, name)
+    check_writable(local, name)
     generation, state, rejected = ckpt.load_latest(storages, name)
     for line in rejected:
         print(f"warning: {line}")
@@ -226,13 +225,16 @@ def _local_storage(run_dir: str) -> LocalStorage:
     return storage
 
 
-def _remote_storage(uri: str, local: LocalStorage) -> Storage | None:
-    """Storage for the checkpoint URI; None without one or when it is the run folder itself."""
+def _remote_storage(uri: str, local: LocalStorage, check: bool = True) -> Storage | None:
+    """Storage for the checkpoint URI; None without one or when it is the run folder itself.
+    ``check``: write, read and delete a marker first, giving up within seconds if that fails."""
     if not uri:
         return None
     storage = open_storage(uri)
     if isinstance(storage, LocalStorage) and storage.root.resolve() == local.root.resolve():
         return None
+    if check:
+        check_writable(open_storage(uri, quick=True), CHECK_KEY)
     return storage
 
 
