@@ -31,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cloud import checkpoint as ckpt  # noqa: E402
 from config import build_config  # noqa: E402
 from training import runs  # noqa: E402
 from training.trainer import Trainer  # noqa: E402
@@ -50,31 +51,45 @@ def fill_replay(trainer: Trainer, seed: int = 0) -> None:
     replay._dirty[:] = True
 
 
-def run_generations(trainer: Trainer, count: int) -> list[tuple[float, float]]:
-    """(generation seconds, checkpoint-blocked seconds) for ``count`` real generations."""
+def written_mb(trainer: Trainer, before: set[str]) -> float:
+    """MiB the newest checkpoint wrote (and will upload): its own objects and its new shards."""
+    manifest = ckpt.read_manifest(trainer.storage, trainer.run_name, trainer.counters.generation - 1)
+    own = sum(entry["size"] for entry in manifest["objects"].values())
+    new = sum(ref["size"] for ref in manifest["shared"].values() if ref["key"] not in before)
+    return (own + new) / 2**20
+
+
+def stored_keys(trainer: Trainer) -> set[str]:
+    return {ref.key for ref in trainer.stored_blobs.values()}
+
+
+def run_generations(trainer: Trainer, count: int) -> list[tuple[float, float, float]]:
+    """(generation seconds, checkpoint-blocked seconds, MiB written) for ``count`` real generations."""
     results = []
     for _ in range(count):
         generation = trainer.counters.generation
+        before = stored_keys(trainer)
         with contextlib.redirect_stdout(io.StringIO()):
             record = trainer.run_generation(generation)
-        results.append((record["generation_s"], trainer.checkpoint_s))
+        results.append((record["generation_s"], trainer.checkpoint_s, written_mb(trainer, before)))
         print(
             f"  generation {generation + 1}: {record['generation_s']:6.1f}s, checkpoint blocked "
-            f"{trainer.checkpoint_s:5.2f}s{' (every shard: the first save)' if generation == 0 else ''}",
+            f"{trainer.checkpoint_s:5.2f}s, wrote {results[-1][2]:5.0f} MiB"
+            f"{' (every shard: the first save)' if generation == 0 else ''}",
             flush=True,
         )
     return results
 
 
-def whole_replay_saves(trainer: Trainer, count: int) -> list[float]:
-    """Checkpoint-blocked seconds when every replay shard is written (the baseline)."""
-    times = []
+def whole_replay_saves(trainer: Trainer, count: int) -> list[tuple[float, float]]:
+    """(checkpoint-blocked seconds, MiB written) when every replay shard is written (the baseline)."""
+    results = []
     for _ in range(count):
         trainer.replay._dirty[:] = True
         trainer.counters.generation += 1
         trainer.save_checkpoint()
-        times.append(trainer.checkpoint_s)
-    return times
+        results.append((trainer.checkpoint_s, written_mb(trainer, set())))
+    return results
 
 
 def main() -> None:
@@ -121,14 +136,22 @@ def main() -> None:
         total = time.perf_counter() - started
 
     steady = real[1:] or real
-    generation_s = statistics.median(g for g, _ in steady)
-    sharded_s = statistics.median(c for _, c in steady)
-    whole_s = statistics.median(baseline)
+    generation_s = statistics.median(g for g, _, _ in steady)
+    sharded_s = statistics.median(c for _, c, _ in steady)
+    sharded_mb = statistics.median(mb for _, _, mb in steady)
+    whole_s = statistics.median(c for c, _ in baseline)
+    whole_mb = statistics.median(mb for _, mb in baseline)
     print(f"\nper generation (median of generations 2..{args.generations}; {total:.0f}s in all{upload_note})")
     print(f"  generation time                  {generation_s:8.2f}s")
-    print(f"  blocked, changed shards only     {sharded_s:8.2f}s  = {100 * sharded_s / generation_s:5.2f}% of it")
-    print(f"  blocked, whole replay (baseline) {whole_s:8.2f}s  = {100 * whole_s / generation_s:5.2f}% of it")
-    print(f"  baseline / sharded               {whole_s / sharded_s:8.1f}x")
+    print(
+        f"  blocked, changed shards only     {sharded_s:8.2f}s  = {100 * sharded_s / generation_s:5.2f}% of it; "
+        f"{sharded_mb:,.0f} MiB written (and uploaded)"
+    )
+    print(
+        f"  blocked, whole replay (baseline) {whole_s:8.2f}s  = {100 * whole_s / generation_s:5.2f}% of it; "
+        f"{whole_mb:,.0f} MiB written (and uploaded)"
+    )
+    print(f"  baseline / sharded               {whole_s / sharded_s:8.1f}x time, {whole_mb / sharded_mb:.1f}x bytes")
     print(f"  goal: <= 5% blocked -> {'met' if sharded_s <= 0.05 * generation_s else 'NOT met'}")
 
 

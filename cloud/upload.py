@@ -120,15 +120,15 @@ class Uploader:
             try:
                 self._upload(generation)
                 self._prune_remote()
-                self._done(generation, error="")
+                self._done(generation, uploaded=True)
                 backoff = min(1.0, self.max_backoff_s)
             except _Skip as skip:
-                self._done(generation, error=str(skip))
+                self._done(generation, uploaded=False, error=str(skip))
             except (StorageError, OSError) as err:  # unreachable, denied, full, ...: retried
                 with self._wake:
                     self._error = f"generation {generation + 1}: {err}"
                     if not self._closed:
-                        self._wake.wait(backoff)  # woken early only by close()
+                        self._wake.wait(backoff)  # or until close() or the next submit()
                 backoff = min(2 * backoff, self.max_backoff_s)
             except Exception as err:  # never let the thread die silently: report and stop uploading
                 with self._wake:
@@ -139,13 +139,15 @@ class Uploader:
                 with self.lock:
                     self.in_flight = None
 
-    def _done(self, generation: int, error: str) -> None:
-        """Generation dealt with: uploaded (``error`` empty) or skipped for ``error``."""
+    def _done(self, generation: int, uploaded: bool, error: str = "") -> None:
+        """Generation dealt with: uploaded, or skipped (for ``error`` if it is one)."""
         with self._wake:
             self._pending.pop(generation, None)
-            if not error:
+            if uploaded:
                 self._uploaded = max(generation, self._uploaded if self._uploaded is not None else -1)
-            self._error = error and f"generation {generation + 1} not uploaded: {error}"
+                self._error = ""
+            elif error:
+                self._error = f"generation {generation + 1} not uploaded: {error}"
             self._wake.notify_all()
 
     def _upload(self, generation: int) -> None:

@@ -315,6 +315,31 @@ def test_an_allowed_change_of_shapes_is_refused_clearly(tmp_path: Path, tiny_con
 
 
 @pytest.mark.parametrize("uri", ["s3://bucket/runs", "gs://bucket/runs"])
-def test_a_cloud_run_dir_is_refused_in_one_line_until_it_is_supported(tmp_path: Path, uri: str) -> None:
-    assert_one_line_user_error(invoke(*tiny_args(uri)), "--run-dir must be a local folder")
+def test_a_cloud_run_dir_is_refused_pointing_to_checkpoint_uri(tmp_path: Path, uri: str) -> None:
+    assert_one_line_user_error(invoke(*tiny_args(uri)), "--run-dir must be a local folder", "--checkpoint-uri")
     assert_one_line_user_error(invoke("status", "--run-dir", uri), "--run-dir must be a local folder")
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("ftp://host/runs", "run.checkpoint_uri must be a local path, s3://bucket/prefix or gs://bucket/prefix"),
+        ("s3://", "names no bucket"),
+        ("gs:///runs", "has no bucket name"),
+    ],
+)
+def test_a_bad_checkpoint_uri_is_one_error_line(tmp_path: Path, uri: str, expected: str) -> None:
+    assert_one_line_user_error(invoke(*tiny_args(tmp_path / "runs", "--checkpoint-uri", uri)), expected)
+    assert not list((tmp_path / "runs").glob("*/gen-*"))
+
+
+def test_missing_aws_credentials_fail_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.cloud.s3_server import isolate_aws_env
+
+    isolate_aws_env(monkeypatch, str(tmp_path))
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # never reached: no credentials to sign with
+    result = invoke(*tiny_args(tmp_path / "runs", "--checkpoint-uri", "s3://bucket/runs"))
+    assert_one_line_user_error(result, "no AWS credentials found")
+    assert not list((tmp_path / "runs").glob("*/gen-*"))

@@ -111,9 +111,7 @@ def resume(run_dir: str, name: str, overrides: dict[str, Any], allow: Sequence[s
     local = _local_storage(run_dir)
     explicit_uri = _explicit_checkpoint_uri(overrides)
     name = name or _latest_run(run_dir, explicit_uri or "")
-    uri = explicit_uri
-    if uri is None:  # the run's own setting, if its folder is here
-        uri = _read_run_file(local, name).get("config", {}).get("run", {}).get("checkpoint_uri", "")
+    uri = explicit_uri if explicit_uri is not None else _last_checkpoint_uri(local, name)
     remote = _remote_storage(uri, local)
     storages = [local] if remote is None else [local, remote]
     saved = next((_read_run_file(s, name) for s in storages if s.exists(f"{name}/{RUN_FILE}")), None)
@@ -187,6 +185,19 @@ def _explicit_checkpoint_uri(overrides: dict[str, Any]) -> str | None:
         o.startswith("run.checkpoint_uri=") for o in overrides.get("overrides") or ()
     )
     return given if mentioned or given != default else None
+
+
+def _last_checkpoint_uri(local: LocalStorage, name: str) -> str:
+    """The checkpoint URI the run last went on with, if its folder is here (else none)."""
+    import yaml
+
+    resolved = local.root / name / "config.yaml"
+    if not resolved.is_file():
+        return ""
+    try:
+        return str(yaml.safe_load(resolved.read_text())["run"]["checkpoint_uri"])
+    except (yaml.YAMLError, KeyError, TypeError):
+        raise UserError(f"{resolved} is damaged; pass --checkpoint-uri (or --checkpoint-uri '' for none)") from None
 
 
 def _run_names(storage: Storage) -> list[str]:

@@ -24,3 +24,26 @@ def test_cpu_device_resolves_and_cuda_without_cuda_is_a_user_error() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="CUDA is not available"):
             runs.resolve_device("cuda")
+
+
+def test_a_resume_remembers_the_checkpoint_uri_it_last_went_on_with(tiny_config, tmp_path) -> None:
+    from cloud import checkpoint as ckpt
+    from cloud.storage import LocalStorage
+
+    first, second = tmp_path / "first-bucket", tmp_path / "second-bucket"
+    cfg = tiny_config({"train.generations": 1, "run.checkpoint_uri": str(first)})
+    for step in (
+        lambda: runs.start(cfg),
+        lambda: runs.resume(
+            cfg.run.run_dir, "test", {"extra": {"train.generations": 2, "run.checkpoint_uri": str(second)}}
+        ),
+        lambda: runs.resume(cfg.run.run_dir, "test", {"extra": {"train.generations": 3}}),  # no URI given
+    ):
+        trainer = step()
+        try:
+            trainer.train()
+            assert trainer.finish_uploads(30) == ""
+        finally:
+            trainer.close()
+    assert ckpt.generations(LocalStorage(first), "test") == [0]
+    assert ckpt.generations(LocalStorage(second), "test") == [2, 1, 0]  # generation 1 caught up too
