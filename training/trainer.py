@@ -366,9 +366,9 @@ class Trainer:
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         shards, replay_meta = self.replay.state()
-        blobs: dict[str, bytes | ckpt.BlobRef] = {
-            name: data if data is not None else self.stored_blobs[name] for name, data in shards.items()
-        }
+        blobs: dict[str, bytes | ckpt.BlobRef] = {}
+        if self.cfg.run.save_replay:
+            blobs = {name: data if data is not None else self.stored_blobs[name] for name, data in shards.items()}
         py_state = random.getstate()
         meta = {
             "config_hash": self.cfg.hash(),
@@ -382,7 +382,7 @@ class Trainer:
             "telemetry": self.telemetry.state(),
             "sentinel": self.sentinel.state(),
         }
-        return ckpt.Checkpoint(tensors, meta, blobs if self.cfg.run.save_replay else {})
+        return ckpt.Checkpoint(tensors, meta, blobs)
 
     def restore(self, state: ckpt.Checkpoint) -> None:
         meta = state.meta

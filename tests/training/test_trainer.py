@@ -101,6 +101,16 @@ def test_old_checkpoints_are_pruned(tiny_config: TinyConfig) -> None:
     assert ckpt.generations(trainer.storage, trainer.run_name) == [3, 2]
 
 
+def test_checkpoints_without_the_replay_hold_no_shard_and_resume(tiny_config: TinyConfig) -> None:
+    cfg = tiny_config({"train.generations": 3, "run.save_replay": False, "run.replay_shard_mb": 0.001})
+    trainer = train(cfg)
+    assert trainer.replay.shard_rows < 100 < trainer.replay.filled_rows  # several shards, most unchanged
+    assert ckpt.load(trainer.storage, trainer.run_name, 2).blobs == {}
+    assert not (trainer.storage.root / trainer.run_name / ckpt.OBJECTS).exists()
+    resumed = resume(cfg, extra={"train.generations": 4})
+    assert resumed.counters.generation == 4
+
+
 def test_a_run_name_is_not_reused(tiny_config: TinyConfig) -> None:
     train(tiny_config({"train.generations": 1}))
     with pytest.raises(UserError, match="already exists"):
