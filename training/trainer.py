@@ -429,7 +429,15 @@ class Trainer:
 
     def finish_uploads(self, timeout_s: float) -> str:
         """Wait up to ``timeout_s`` for pending uploads; '' when all are done, else what is left."""
-        if self.uploader is None or self.uploader.wait(timeout_s):
+        if self.uploader is None or self.uploader.wait(0):
+            return ""
+        pending = len(self.uploader.status().pending)
+        print(
+            f"waiting up to {timeout_s:g}s for {pending} generation(s) to reach {self.cfg.run.checkpoint_uri} "
+            "(Ctrl-C leaves them for the next --resume)",
+            flush=True,
+        )
+        if self.uploader.wait(timeout_s):
             return ""
         upload = self.uploader.status()
         where = self.cfg.run.checkpoint_uri
