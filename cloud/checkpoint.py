@@ -196,6 +196,8 @@ def read_manifest(storage: Storage, run: str, generation: int) -> dict[str, Any]
         raise CheckpointError(f"{storage.url(key)} is not valid JSON") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{storage.url(key)} is not a {FORMAT} manifest")
+    if manifest.get("generation") != generation:
+        raise CheckpointError(f"{storage.url(key)} names generation {manifest.get('generation')!r}, not {generation}")
     return manifest
 
 
@@ -216,8 +218,13 @@ def _entries(manifest: dict[str, Any], run: str) -> list[tuple[str, str, dict[st
         shared = [(f"shared/{name}", ref["key"], ref) for name, ref in manifest.get("shared", {}).items()]
     except (KeyError, TypeError, AttributeError):
         raise CheckpointError(f"the manifest of {run}/{prefix} is malformed") from None
+    for _, _, entry in own + shared:
+        if not (
+            isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)
+        ):
+            raise CheckpointError(f"the manifest of {run}/{prefix} is malformed")
     for _, key, _ in shared:
-        if not re.fullmatch(rf"{OBJECTS}/[0-9a-f]{{64}}", key):
+        if not (isinstance(key, str) and re.fullmatch(rf"{OBJECTS}/[0-9a-f]{{64}}", key)):
             raise CheckpointError(f"the manifest of {run}/{prefix} references {key!r} outside {OBJECTS}/")
     return own + shared
 

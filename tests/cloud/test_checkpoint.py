@@ -227,6 +227,10 @@ def test_a_missing_manifest_means_no_generation(storage: LocalStorage) -> None:
         ('{"format": "evorl-checkpoint/1", "objects": {}}', "is not a evorl-checkpoint/2"),
         ("[1, 2]", "is not a evorl-checkpoint/2"),
         ('{"format": "evorl-checkpoint/2", "generation": 1}', "is malformed"),
+        ('{"format": "evorl-checkpoint/2", "generation": 0, "objects": {}}', "names generation 0, not 1"),
+        ('{"format": "evorl-checkpoint/2", "generation": 1, "objects": {"state.json": {}}}', "is malformed"),
+        ('{"format": "evorl-checkpoint/2", "generation": 1, "objects": {"a": 1}}', "is malformed"),
+        ('{"format": "evorl-checkpoint/2", "generation": "1", "objects": {}}', "names generation '1', not 1"),
     ],
 )
 def test_an_invalid_manifest_rejects_the_generation(storage: LocalStorage, text: str, message: str) -> None:
