@@ -4,6 +4,7 @@ python main.py                         # the default preset (pendulum), local st
 python main.py --preset debug          # a few seconds
 python main.py --resume                # continue the latest run in --run-dir
 python main.py status                  # runs and generations stored in --run-dir
+python main.py --checkpoint-uri s3://bucket/prefix   # also upload checkpoints (gs:// too)
 """
 
 from __future__ import annotations
