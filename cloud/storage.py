@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 from urllib.parse import urlparse
@@ -73,33 +74,29 @@ class LocalStorage(Storage):
         return self._path(key).read_bytes()
 
     def write(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _write_synced(tmp, data)
-            os.replace(tmp, path)
-        except OSError as err:  # a full disk, a quota, a read-only mount, ...
-            with suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            raise StorageError(f"cannot write to {path}: {err.strerror or err}") from None
+        self._write_via_temp(key, data, os.replace)
 
     def write_new(self, key: str, data: bytes) -> None:
-        """Written to a temporary file, then hard-linked into place: ``link`` refuses an existing name."""
+        """``link`` puts the temporary file in place only if the name is free."""
+        self._write_via_temp(key, data, os.link)
+
+    def _write_via_temp(self, key: str, data: bytes, place: Callable[[Path, Path], None]) -> None:
+        """Write a synced temporary file beside ``key``, ``place`` it under ``key``, sync the folder."""
         path = self._path(key)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             _write_synced(tmp, data)
-            os.link(tmp, path)
+            try:
+                place(tmp, path)
+            except FileExistsError:  # only os.link refuses an existing name
+                raise AlreadyExists(f"{path} already exists; not overwritten") from None
             _sync_dir(path.parent)
-        except FileExistsError:
-            raise AlreadyExists(f"{path} already exists; not overwritten") from None
-        except OSError as err:
+        except OSError as err:  # a full disk, a quota, a read-only mount, ...
             raise StorageError(f"cannot write to {path}: {err.strerror or err}") from None
         finally:
             with suppress(OSError):
-                tmp.unlink(missing_ok=True)
+                tmp.unlink(missing_ok=True)  # already gone after os.replace
 
     def write_many(self, prefix: str, objects: dict[str, bytes]) -> None:
         """Into a hidden temporary folder, synced, then renamed to ``prefix`` in one step."""
