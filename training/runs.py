@@ -73,7 +73,7 @@ def list_runs(run_dir: str, checkpoint_uri: str = "") -> list[RunInfo]:
     created: dict[str, float] = {}
     for storage in [s for s in (local, remote) if s is not None]:
         for name in _run_names(storage):
-            created.setdefault(name, _read_run_file(storage, name).get("created", 0.0))
+            created.setdefault(name, (_read_run_file(storage, name) or {}).get("created", 0.0))
     return [
         RunInfo(
             name,
@@ -114,7 +114,7 @@ def resume(run_dir: str, name: str, overrides: dict[str, Any], allow: Sequence[s
     uri = explicit_uri if explicit_uri is not None else _last_checkpoint_uri(local, name)
     remote = _remote_storage(uri, local)
     storages = [local] if remote is None else [local, remote]
-    saved = next((_read_run_file(s, name) for s in storages if s.exists(f"{name}/{RUN_FILE}")), None)
+    saved = next((record for s in storages if (record := _read_run_file(s, name)) is not None), None)
     if saved is None:
         raise UserError(f"nothing to resume: no run {name!r} in {' or '.join(s.url('') for s in storages)}")
     if saved.get("version") != VERSION:
@@ -204,11 +204,11 @@ def _run_names(storage: Storage) -> list[str]:
     return sorted({key.split("/")[0] for key in storage.list("") if key.count("/") == 1 and key.endswith(RUN_FILE)})
 
 
-def _read_run_file(storage: Storage, name: str) -> dict[str, Any]:
-    """The run's record, or {} when it has none here."""
+def _read_run_file(storage: Storage, name: str) -> dict[str, Any] | None:
+    """The run's record, or None when it has none here."""
     key = f"{name}/{RUN_FILE}"
     if not storage.exists(key):
-        return {}
+        return None
     try:
         record = json.loads(storage.read(key))
     except ValueError:
