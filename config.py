@@ -34,7 +34,8 @@ class EnvConfig:
     envs_per_member: int = 1
     """Environments each member steps in parallel while collecting."""
     max_episode_steps: int = 0
-    """Time limit per episode; 0 keeps the environment's own limit."""
+    """Time limit per episode, replacing the environment's own (longer or shorter); 0 keeps the
+    environment's own limit, or applies ``DEFAULT_EPISODE_LIMIT`` (1,000 steps) to one that has none."""
 
 
 @dataclass
@@ -108,7 +109,8 @@ class EvolutionConfig:
     perturb_prob: float = 0.8
     """Probability a child's hyperparameters are perturbed (else resampled within bounds)."""
     perturb_factors: list[float] = field(default_factory=lambda: [0.8, 1.25])
-    """Factors a perturbation multiplies a hyperparameter by (one chosen at random)."""
+    """Factors a perturbation multiplies a hyperparameter by (one chosen at random); the discount
+    is perturbed as a horizon, i.e. ``1 - gamma`` is multiplied."""
     actor_lr_bounds: list[float] = field(default_factory=lambda: [1e-5, 3e-3])
     critic_lr_bounds: list[float] = field(default_factory=lambda: [1e-5, 3e-3])
     gamma_bounds: list[float] = field(default_factory=lambda: [0.95, 0.999])
@@ -240,6 +242,7 @@ class Config:
                 bounds[0] <= getattr(a, hp) <= bounds[1],
                 f"agent.{hp}={getattr(a, hp)} is outside evolution.{hp}_bounds={bounds}",
             )
+        _check(v.gamma_bounds[1] < 1, "evolution.gamma_bounds must lie below 1 (evolution searches 1 - gamma)")
         _check(
             self.run.device == "auto" or self.run.device.split(":")[0] in ("cpu", "cuda"),
             f"run.device must be auto, cpu or cuda[:N], got {self.run.device!r}",

@@ -61,6 +61,12 @@ class PopulationAgent(nn.Module, ABC):
         """The ``(P, ...)`` policy parameters that evolution mutates and crosses over."""
         raise NotImplementedError("actor_parameters() -> [(P, ...) tensors]")
 
+    def actor_layers(self) -> list[list[Tensor]]:
+        """:meth:`actor_parameters` grouped by layer: the tensors of one group share their last
+        axis, the layer's output neurons (e.g. ``[weight (P, in, out), bias (P, 1, out)]``), so
+        crossover can take each neuron whole from one parent. By default every tensor is its own group."""
+        return [[p] for p in self.actor_parameters()]
+
     @abstractmethod
     def member_tensors(self) -> dict[str, Tensor]:
         """Every tensor whose row ``i`` belongs to member ``i``: parameters, targets,

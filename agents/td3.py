@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from agents.base import Batch, PopulationAgent
-from agents.batched import BatchedAdam, BatchedMLP, per_member
+from agents.batched import BatchedAdam, BatchedLinear, BatchedMLP, per_member
 from config import HYPERPARAMETERS, AgentConfig
 
 
@@ -129,6 +129,10 @@ class TD3Population(PopulationAgent):
 
     def actor_parameters(self) -> list[Tensor]:
         return list(self.actor.parameters())
+
+    def actor_layers(self) -> list[list[Tensor]]:
+        layers: list[BatchedLinear] = list(self.actor.layers)  # type: ignore[arg-type]
+        return [[layer.weight, layer.bias] for layer in layers]
 
     def member_tensors(self) -> dict[str, Tensor]:
         tensors: dict[str, Tensor] = {}

@@ -16,16 +16,36 @@ from config import EnvConfig, UserError
 SUPPORTED = "flat Box observations (1-D vectors) and Box actions with finite bounds"
 
 
+DEFAULT_EPISODE_LIMIT = 1_000
+"""Time limit given to an environment that has none of its own when ``env.max_episode_steps`` is 0,
+so evaluation (which runs whole episodes) always ends."""
+
+
 def make_env(cfg: EnvConfig) -> gym.Env:
-    """Build one environment from a registered id or ``package.module:ClassName``."""
-    env = _instantiate(cfg.id)
-    if cfg.max_episode_steps > 0:
-        env = TimeLimit(env, max_episode_steps=cfg.max_episode_steps)
+    """Build one environment from a registered id or ``package.module:ClassName``.
+
+    ``env.max_episode_steps`` replaces the environment's own time limit (a registered id gets it
+    through ``gym.make``, which can lengthen episodes too); an environment without any limit gets
+    ``DEFAULT_EPISODE_LIMIT``.
+    """
+    env = _instantiate(cfg.id, cfg.max_episode_steps)
+    if episode_limit(env) is None:
+        env = TimeLimit(env, max_episode_steps=cfg.max_episode_steps or DEFAULT_EPISODE_LIMIT)
     check_spaces(env, cfg.id)
     return env
 
 
-def _instantiate(env_id: str) -> gym.Env:
+def episode_limit(env: gym.Env) -> int | None:
+    """The step limit of the innermost ``TimeLimit`` wrapper around ``env``, or None without one."""
+    limit = None
+    while isinstance(env, gym.Wrapper):
+        if isinstance(env, TimeLimit):
+            limit = int(env._max_episode_steps)
+        env = env.env
+    return limit
+
+
+def _instantiate(env_id: str, max_episode_steps: int) -> gym.Env:
     if ":" in env_id and not env_id.startswith(":"):
         module_name, _, class_name = env_id.partition(":")
         if os.getcwd() not in sys.path:
@@ -43,9 +63,9 @@ def _instantiate(env_id: str) -> gym.Env:
             raise UserError(f"cannot construct env {env_id!r}: {type(err).__name__}: {err}") from None
         if not isinstance(env, gym.Env):
             raise UserError(f"{env_id!r} is not a gymnasium.Env subclass")
-        return env
+        return TimeLimit(env, max_episode_steps=max_episode_steps) if max_episode_steps > 0 else env
     try:
-        return gym.make(env_id)
+        return gym.make(env_id, max_episode_steps=max_episode_steps or None)
     except gym.error.DependencyNotInstalled as err:
         raise UserError(
             f"env {env_id!r} needs an extra dependency ({str(err).splitlines()[0]}); "
@@ -81,6 +101,8 @@ class EnvPool:
         self.high = space.high.astype(np.float32)
         self.obs_dim = int(self.envs[0].observation_space.shape[0])  # type: ignore[index]
         self.act_dim = int(space.shape[0])
+        self.max_episode_steps = episode_limit(self.envs[0]) or DEFAULT_EPISODE_LIMIT
+        """Steps after which an episode is cut (every env is built the same way)."""
         self.obs = np.zeros((count, self.obs_dim), np.float32)
 
     def __len__(self) -> int:
@@ -105,7 +127,8 @@ class EnvPool:
         reward = np.zeros(count, np.float32)
         terminated = np.zeros(count, np.bool_)
         truncated = np.zeros(count, np.bool_)
-        scaled = self.low + (actions + 1.0) * 0.5 * (self.high - self.low)
+        # Rescaling can land one float32 ulp outside the box; an env checking contains() must not fail.
+        scaled = np.clip(self.low + (actions + 1.0) * 0.5 * (self.high - self.low), self.low, self.high)
         for e, env in enumerate(self.envs):
             obs, r, term, trunc, _ = env.step(scaled[e])
             next_obs[e], reward[e], terminated[e], truncated[e] = obs, r, term, trunc

@@ -21,6 +21,21 @@ ANCESTRY_KEPT = 5
 """Ancestor ids remembered per member (bounded, so memory stays flat over long runs)."""
 
 
+COMPLEMENTED = frozenset({"gamma"})
+"""Hyperparameters searched as ``1 - value``: a discount is a horizon, ``1 / (1 - gamma)``, so
+x0.8 / x1.25 move 0.99 to 0.9875 / 0.992, not to the bounds."""
+
+
+def to_search(name: str, value: float) -> float:
+    """A hyperparameter's value in the positive space where evolution multiplies and samples."""
+    return 1.0 - value if name in COMPLEMENTED else value
+
+
+def from_search(name: str, value: float) -> float:
+    """Inverse of :func:`to_search`."""
+    return 1.0 - value if name in COMPLEMENTED else value
+
+
 class Evolution:
     def __init__(self, cfg: EvolutionConfig, population: int, seed: int) -> None:
         self.cfg = cfg
@@ -35,13 +50,11 @@ class Evolution:
     def evolve(self, agent: PopulationAgent, fitness: np.ndarray, generation: int) -> list[dict[str, Any]]:
         """Replace the worst members by mutated children of tournament winners, in place.
 
-        ``fitness`` has shape ``(P,)``. Returns one lineage record per replaced member.
+        ``fitness`` has shape ``(P,)``; ``-inf`` (or NaN) marks a diverged member. Returns one
+        lineage record per replaced member.
         """
         self._adapt_mutation_scale(fitness)
-        order = np.argsort(-fitness, kind="stable")
-        replace = min(round(self.cfg.replace_fraction * self.population), self.population - self.cfg.elites)
-        losers = [int(i) for i in order[self.population - replace :]] if replace > 0 else []
-        survivors = [int(i) for i in order[: self.population - replace]]
+        survivors, losers = self.select(fitness)
         events = []
         for child in losers:
             parent = self._tournament(survivors, fitness)
@@ -56,6 +69,24 @@ class Evolution:
             self.pending.append((child, float(fitness[parent])))
         return events
 
+    def select(self, fitness: np.ndarray) -> tuple[list[int], list[int]]:
+        """Split the slots into survivors (parents-to-be) and losers (to be replaced).
+
+        The ``elites`` best finite members always survive; ``replace_fraction`` of the population
+        (rounded half up) is replaced worst first, and so is every non-finite member, which can
+        therefore never be a parent. With no finite member at all nothing is replaced.
+        """
+        finite = np.isfinite(fitness)
+        if not finite.any():
+            return list(range(self.population)), []
+        ranked = np.where(finite, fitness, -np.inf)
+        order = [int(i) for i in np.argsort(-ranked, kind="stable")]
+        elites = min(self.cfg.elites, int(finite.sum()))
+        wanted = max(int(np.floor(self.cfg.replace_fraction * self.population + 0.5)), int((~finite).sum()))
+        replace = min(wanted, self.population - elites)
+        keep = self.population - replace
+        return order[:keep], order[keep:]
+
     # ------------------------------------------------------------ operators
 
     def _tournament(self, candidates: list[int], fitness: np.ndarray) -> int:
@@ -65,12 +96,13 @@ class Evolution:
 
     @torch.no_grad()
     def _crossover(self, agent: PopulationAgent, child: int, other: int) -> None:
-        """Uniform crossover per output neuron: each neuron's incoming weights and bias
-        come whole from one parent."""
-        for param in agent.actor_parameters():
-            take = self.rng.random(param.shape[-1]) < 0.5
-            mask = torch.as_tensor(take, device=param.device)
-            param[child] = torch.where(mask, param[other], param[child])
+        """Uniform crossover per output neuron: one draw per neuron of each layer, so a neuron's
+        incoming weights and its bias come whole from the same parent."""
+        for layer in agent.actor_layers():
+            take = self.rng.random(layer[0].shape[-1]) < 0.5
+            mask = torch.as_tensor(take, device=layer[0].device)
+            for param in layer:
+                param[child] = torch.where(mask, param[other], param[child])
 
     @torch.no_grad()
     def _mutate(self, agent: PopulationAgent, child: int) -> None:
@@ -87,15 +119,17 @@ class Evolution:
             param[child] += torch.as_tensor(noise * scale, dtype=param.dtype, device=param.device)
 
     def _change_hyperparameters(self, agent: PopulationAgent, child: int) -> str:
+        """Perturb (multiply by one of ``perturb_factors``) or resample (log-uniform within bounds)
+        every hyperparameter, in its search space (see :func:`to_search`), then clip to bounds."""
         perturb = self.rng.random() < self.cfg.perturb_prob
         for name in HYPERPARAMETERS:
-            low, high = getattr(self.cfg, f"{name}_bounds")
-            value = float(agent.hyperparameters[name][child])
+            low, high = sorted(to_search(name, b) for b in getattr(self.cfg, f"{name}_bounds"))
+            value = to_search(name, float(agent.hyperparameters[name][child]))
             if perturb:
                 value *= float(self.rng.choice(self.cfg.perturb_factors))
             else:
                 value = float(np.exp(self.rng.uniform(np.log(low), np.log(high))))
-            agent.hyperparameters[name][child] = min(max(value, low), high)
+            agent.hyperparameters[name][child] = from_search(name, min(max(value, low), high))
         return "perturbed" if perturb else "resampled"
 
     def _adapt_mutation_scale(self, fitness: np.ndarray) -> None:

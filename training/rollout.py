@@ -21,14 +21,24 @@ class RolloutResult:
     episode_returns: list[list[float]]
     """Per stream, the returns of the episodes completed in this rollout, in order."""
 
-    def member_fitness(self, members: int, episodes: int) -> np.ndarray:
-        """Mean of each member's first ``episodes`` returns per stream, shape ``(members,)``."""
+    def member_fitness(self, members: int, episodes: int | np.ndarray) -> np.ndarray:
+        """Mean of each member's first ``episodes`` returns per stream (an int, or one count per
+        stream ``(E,)``), shape ``(members,)``."""
+        quota = np.broadcast_to(np.asarray(episodes), (len(self.episode_returns),))
         per_member = len(self.episode_returns) // members
         fitness = np.zeros(members)
         for m in range(members):
-            streams = self.episode_returns[m * per_member : (m + 1) * per_member]
-            fitness[m] = np.mean([r for s in streams for r in s[:episodes]])
+            streams = range(m * per_member, (m + 1) * per_member)
+            fitness[m] = np.mean([r for e in streams for r in self.episode_returns[e][: quota[e]]])
         return fitness
+
+
+def episode_quota(episodes: int, streams_per_member: int, members: int) -> np.ndarray:
+    """Episodes each stream plays so that every member plays exactly ``episodes``: shape ``(E,)``,
+    the member's first ``episodes % streams_per_member`` streams play one more than the others."""
+    base, extra = divmod(episodes, streams_per_member)
+    one_member = base + (np.arange(streams_per_member) < extra)
+    return np.tile(one_member, members)
 
 
 def rollout(
@@ -39,20 +49,22 @@ def rollout(
     *,
     explore: bool,
     steps: int = 0,
-    episodes_per_stream: int = 0,
-    random_actions: bool = False,
+    episodes_per_stream: int | np.ndarray = 0,
+    random_steps: int = 0,
     on_step: Callable[[int], None] | None = None,
 ) -> RolloutResult:
     """Reset every stream with its seed, then step all streams together.
 
-    Stops after ``steps`` steps, or once every stream completed ``episodes_per_stream``
-    episodes (streams that finish early keep playing; their data is not wasted).
+    Stops after ``steps`` steps, or once every stream completed its ``episodes_per_stream``
+    episodes (an int, or one count per stream ``(E,)``; streams that finish early keep playing,
+    their data is not wasted). The first ``random_steps`` steps take uniform random actions.
     Each step's transitions, ``E = P * envs_per_member`` of them, go to ``replay``; a stream
     cut by the end of the rollout is marked truncated (it bootstraps, it is not terminal).
     """
-    if (steps > 0) == (episodes_per_stream > 0):
-        raise ValueError("rollout needs exactly one of steps or episodes_per_stream")
     count = len(pool)
+    quota = np.broadcast_to(np.asarray(episodes_per_stream), (count,))
+    if (steps > 0) == bool(quota.max() > 0):
+        raise ValueError("rollout needs exactly one of steps or episodes_per_stream")
     members = agent.population
     device = next(agent.parameters()).device
     obs = pool.reset(seeds)
@@ -62,7 +74,7 @@ def rollout(
     taken = 0
     done = False
     while not done:
-        if random_actions:
+        if taken < random_steps:
             action = (torch.rand(count, pool.act_dim) * 2 - 1).numpy()
         else:
             action = _act(agent, obs, members, explore, device)
@@ -73,7 +85,7 @@ def rollout(
         for e in np.flatnonzero(ended):
             returns[e].append(float(running[e]))
             running[e] = 0.0
-        done = taken >= steps if steps > 0 else all(len(r) >= episodes_per_stream for r in returns)
+        done = taken >= steps if steps > 0 else all(len(r) >= q for r, q in zip(returns, quota, strict=True))
         cut = ~ended if done else np.zeros(count, np.bool_)
         if replay is not None:
             replay.add(Transitions(obs, action, reward, next_obs, terminated, truncated | cut, is_first))

@@ -22,7 +22,7 @@ from training.envs import EnvPool, make_env
 from training.evolution import Evolution
 from training.replay import ReplayBuffer
 from training.report import MetricsLog, ProgressBar, status_block
-from training.rollout import rollout
+from training.rollout import episode_quota, rollout
 from training.sentinel import LeakSentinel, LeakWarning
 from training.signals import check_stop, stop_requested
 from training.telemetry import TelemetryHistory, memory_snapshot
@@ -172,10 +172,14 @@ class Trainer:
         return record, warnings
 
     def explore(self, generation: int, bar: ProgressBar) -> None:
-        steps = self.cfg.train.steps_per_generation
+        """``steps_per_generation`` rows of noisy actions in every stream -> replay. Until the replay
+        holds ``warmup_steps`` transitions the actions are uniform random, step by step, and the
+        phase runs at least until the warm-up is done."""
+        missing = max(0, self.cfg.train.warmup_steps - len(self.replay))
+        random_steps = -(-missing // len(self.pool))
+        steps = max(self.cfg.train.steps_per_generation, random_steps)
         if steps == 0:
             return
-        warming_up = len(self.replay) < self.cfg.train.warmup_steps
         result = rollout(
             self.agent,
             self.pool,
@@ -183,7 +187,7 @@ class Trainer:
             self._seeds(generation, PHASE_EXPLORE),
             explore=True,
             steps=steps,
-            random_actions=warming_up,
+            random_steps=random_steps,
             on_step=lambda _: self._safe_point(bar, "explore"),
         )
         self.counters.env_steps += result.env_steps
@@ -215,20 +219,24 @@ class Trainer:
         return stats
 
     def evaluate(self, generation: int, bar: ProgressBar) -> np.ndarray:
-        """Fitness ``(P,)``: mean return of noise-free episodes per member."""
-        per_stream = -(-self.cfg.train.eval_episodes // self.cfg.env.envs_per_member)
+        """Fitness ``(P,)``: mean return of exactly ``eval_episodes`` noise-free episodes per member.
+        Every member starts from the same states (common random numbers), so the ranking
+        compares policies, not how lucky each member's start states were."""
+        per_member = self.cfg.env.envs_per_member
+        quota = episode_quota(self.cfg.train.eval_episodes, per_member, self.population)
+        seeds = self._seeds(generation, PHASE_EVALUATE, count=per_member)
         replay = self.replay if self.cfg.train.eval_to_replay else None
         result = rollout(
             self.agent,
             self.pool,
             replay,
-            self._seeds(generation, PHASE_EVALUATE),
+            np.tile(seeds, self.population),
             explore=False,
-            episodes_per_stream=per_stream,
+            episodes_per_stream=quota,
             on_step=lambda _: self._safe_point(bar, "evaluate"),
         )
         self.counters.env_steps += result.env_steps
-        return result.member_fitness(self.population, per_stream)
+        return result.member_fitness(self.population, quota)
 
     # ------------------------------------------------------------ helpers
 
@@ -249,19 +257,20 @@ class Trainer:
             )
         )
 
-    def _seeds(self, generation: int, phase: int) -> np.ndarray:
-        """Environment reset seeds: a pure function of (seed, generation, phase), so a resumed
-        run resets its environments exactly as the uninterrupted run did."""
+    def _seeds(self, generation: int, phase: int, count: int = 0) -> np.ndarray:
+        """``count`` (default: one per stream) environment reset seeds: a pure function of
+        (seed, generation, phase), so a resumed run resets its environments exactly as the
+        uninterrupted run did."""
         sequence = np.random.SeedSequence([self.cfg.run.seed, generation, phase])
-        return sequence.generate_state(len(self.pool)) % 2**31
+        return sequence.generate_state(count or len(self.pool)) % 2**31
 
     def _planned_work(self) -> int:
         """Progress-bar units: one per rollout step of all streams, one per optimizer step."""
         t = self.cfg.train
-        spec = self.pool.envs[0].spec
-        episode = spec.max_episode_steps if spec is not None and spec.max_episode_steps else 1000
-        eval_rows = -(-t.eval_episodes // self.cfg.env.envs_per_member) * episode
-        return t.steps_per_generation + t.updates_per_generation + eval_rows
+        missing = max(0, t.warmup_steps - len(self.replay))
+        explore = max(t.steps_per_generation, -(-missing // len(self.pool)))
+        eval_rows = -(-t.eval_episodes // self.cfg.env.envs_per_member) * self.pool.max_episode_steps
+        return explore + t.updates_per_generation + eval_rows
 
     def _hyperparameters(self) -> dict[str, list[float]]:
         return {name: hp.tolist() for name, hp in self.agent.hyperparameters.items()}

@@ -100,3 +100,33 @@ class NaNEnv(CounterEnv):
         if self.total_steps >= 3:
             obs = np.full_like(obs, np.nan)
         return obs, reward, terminated, truncated, info
+
+
+class EndlessEnv(gym.Env):
+    """Never terminates or truncates by itself (no time limit of its own)."""
+
+    def __init__(self) -> None:
+        self.observation_space = spaces.Box(-1.0, 1.0, shape=(2,), dtype=np.float32)
+        self.action_space = spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        return np.zeros(2, np.float32), 0.0, False, False, {}
+
+
+class StrictBoxEnv(EndlessEnv):
+    """Refuses any action outside its (awkward, float32) action box, as some simulators do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        low = np.array([3.923089, -3.440354, -6.491805], np.float32)  # a = +1 rescales 1 ulp past high
+        high = np.array([10.674328, 0.19423719, -3.1861458], np.float32)
+        self.action_space = spaces.Box(low, high, dtype=np.float32)
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        if not self.action_space.contains(np.asarray(action, np.float32)):
+            raise ValueError(f"action {action!r} outside {self.action_space}")
+        return super().step(action)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from config import EnvConfig, UserError
-from training.envs import EnvPool, make_env
+from training.envs import DEFAULT_EPISODE_LIMIT, EnvPool, episode_limit, make_env
 
 
 def test_make_env_builds_pendulum() -> None:
@@ -24,7 +24,33 @@ def test_max_episode_steps_truncates_without_terminating() -> None:
 
 def test_custom_env_class_by_module_path(custom_envs: str) -> None:
     env = make_env(EnvConfig(id=f"{custom_envs}:CounterEnv"))
-    assert type(env).__name__ == "CounterEnv"
+    assert type(env.unwrapped).__name__ == "CounterEnv"
+
+
+def test_max_episode_steps_can_lengthen_a_registered_envs_own_limit() -> None:
+    env = make_env(EnvConfig(id="Pendulum-v1", max_episode_steps=500))  # Pendulum's own limit is 200
+    env.reset(seed=0)
+    steps = 1
+    while not any(env.step(np.zeros(1, np.float32))[2:4]):
+        steps += 1
+    assert steps == 500
+    assert episode_limit(env) == 500 == env.spec.max_episode_steps
+
+
+def test_an_env_without_a_time_limit_gets_the_default_one(custom_envs: str) -> None:
+    endless = make_env(EnvConfig(id=f"{custom_envs}:EndlessEnv"))
+    assert episode_limit(endless) == DEFAULT_EPISODE_LIMIT
+    endless.reset(seed=0)
+    flags = [endless.step(np.zeros(1, np.float32))[2:4] for _ in range(DEFAULT_EPISODE_LIMIT)]
+    assert flags[-1] == (False, True) and not any(any(f) for f in flags[:-1])
+    assert episode_limit(make_env(EnvConfig(id=f"{custom_envs}:EndlessEnv", max_episode_steps=7))) == 7
+
+
+def test_rescaled_actions_never_leave_the_box(custom_envs: str) -> None:
+    pool = EnvPool(lambda: make_env(EnvConfig(id=f"{custom_envs}:StrictBoxEnv")), 1)
+    for sign in (-1.0, 1.0):
+        pool.reset(np.zeros(1, np.int64))
+        pool.step(np.full((1, 3), sign, np.float32))  # StrictBoxEnv raises unless action_space.contains(a)
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from support import live_storages
 
 from agents import Batch, PopulationAgent, make_population
 from config import HYPERPARAMETERS, AgentConfig, EvolutionConfig
-from training.evolution import ANCESTRY_KEPT, Evolution
+from training.evolution import ANCESTRY_KEPT, Evolution, from_search, to_search
 
 P, OBS, ACT = 6, 3, 2
 
@@ -96,6 +96,27 @@ def test_parents_are_survivors() -> None:
     assert {e["parent"] for e in events} <= survivors
 
 
+def test_every_non_finite_member_is_replaced_and_none_is_a_parent() -> None:
+    fitness = np.array([5.0, -np.inf, np.nan, 9.0, -np.inf, -np.inf])  # 4 non-finite, replace_fraction 0.25
+    for seed in range(20):
+        evolution = make_evolution(seed=seed, replace_fraction=0.25, crossover_prob=1.0)
+        ids = list(evolution.member_ids)
+        events = evolution.evolve(make_agent(), fitness, generation=0)
+        assert sorted(e["slot"] for e in events) == [1, 2, 4, 5]
+        assert {e["parent"] for e in events} | {e["second_parent"] for e in events} <= {ids[0], ids[3]}
+
+
+def test_no_member_is_replaced_when_none_is_finite() -> None:
+    events = make_evolution().evolve(make_agent(), np.full(P, -np.inf), generation=0)
+    assert events == []
+
+
+@pytest.mark.parametrize(("fraction", "replaced"), [(0.25, 2), (2.5 / 6, 3), (0.75, 4)])  # 1.5, 2.5 -> 3, 4.5 (capped)
+def test_replaced_count_rounds_half_up(fraction: float, replaced: int) -> None:
+    evolution = make_evolution(replace_fraction=fraction)
+    assert len(evolution.evolve(make_agent(), FITNESS, generation=0)) == replaced
+
+
 def test_nothing_is_replaced_when_every_member_is_an_elite() -> None:
     two = make_population(2, OBS, ACT, AgentConfig(hidden_sizes=[8]), torch.device("cpu"))
     before = clone_tensors(two)
@@ -161,6 +182,33 @@ def test_crossover_takes_each_neuron_whole_from_one_parent() -> None:
     assert mixed
 
 
+def test_crossover_takes_a_neurons_weights_and_bias_from_the_same_parent() -> None:
+    agent = make_agent()
+    evolution = make_evolution(crossover_prob=1.0, mutation_scale=0.0, replace_fraction=1.0)
+    before = clone_tensors(agent)
+    slot_of = {member_id: slot for slot, member_id in enumerate(evolution.member_ids)}
+    names = {t.data_ptr(): name for name, t in agent.member_tensors().items()}
+    for event in evolution.evolve(agent, FITNESS, generation=0):
+        child, second = event["slot"], slot_of[event["second_parent"]]
+        for weight, bias in agent.actor_layers():
+            w, b = names[weight.data_ptr()], names[bias.data_ptr()]
+            weight_from_second = (weight[child] == before[w][second]).all(dim=0)
+            bias_from_second = (bias[child] == before[b][second]).all(dim=0)
+            differs = (before[w][second] != before[w][slot_of[event["parent"]]]).any(dim=0)
+            assert torch.equal(weight_from_second[differs], bias_from_second[differs]), w
+
+
+def test_the_discount_is_perturbed_as_a_horizon_not_switched_between_its_bounds() -> None:
+    agent = make_agent()
+    agent.hyperparameters["gamma"].fill_(0.99)
+    evolution = make_evolution(perturb_prob=1.0, replace_fraction=1.0)
+    values = set()
+    for generation in range(5):
+        for event in evolution.evolve(agent, np.arange(P, dtype=float), generation):
+            values.add(round(event["gamma"], 5))
+    assert values == {0.9875, 0.992}  # 1 - 0.99 times 1.25 or 0.8 (the elite parents keep 0.99); not 0.95 / 0.999
+
+
 def test_hyperparameters_are_perturbed_by_a_factor_within_bounds() -> None:
     agent = make_agent()
     before = {name: hp.clone() for name, hp in agent.hyperparameters.items()}
@@ -172,7 +220,9 @@ def test_hyperparameters_are_perturbed_by_a_factor_within_bounds() -> None:
         for name in HYPERPARAMETERS:
             low, high = getattr(evolution.cfg, f"{name}_bounds")
             value, old = float(agent.hyperparameters[name][event["slot"]]), float(before[name][parent])
-            candidates = [min(max(old * f, low), high) for f in (0.5, 2.0)]
+            candidates = [from_search(name, min(max(to_search(name, old) * f, low), high)) for f in (0.5, 2.0)]
+            if name == "gamma":  # 1 - gamma is what is multiplied (and clipped)
+                candidates = [1 - min(max((1 - old) * f, 1 - high), 1 - low) for f in (0.5, 2.0)]
             assert any(value == pytest.approx(c, rel=1e-6) for c in candidates), name
             assert event[name] == value
 

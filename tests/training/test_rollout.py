@@ -12,7 +12,7 @@ from agents.batched import BatchedLinear
 from config import AgentConfig, EnvConfig
 from training.envs import EnvPool, make_env
 from training.replay import ReplayBuffer
-from training.rollout import RolloutResult, rollout
+from training.rollout import RolloutResult, episode_quota, rollout
 
 MEMBERS, PER_MEMBER = 2, 2
 STREAMS = MEMBERS * PER_MEMBER
@@ -103,10 +103,31 @@ def test_rollout_resets_with_the_given_seeds(pendulum: Any) -> None:
 
 def test_random_actions_cover_the_normalised_range(counter: Any) -> None:
     agent, pool, replay = counter
-    rollout(agent, pool, replay, SEEDS, explore=True, steps=50, random_actions=True)
+    rollout(agent, pool, replay, SEEDS, explore=True, steps=50, random_steps=50)
     actions = replay.data["action"][:50]
     assert actions.min() >= -1 and actions.max() <= 1
     assert actions.min() < -0.9 and actions.max() > 0.9
+
+
+def test_random_actions_stop_after_random_steps(counter: Any) -> None:
+    agent, pool, replay = counter
+    rollout(agent, pool, replay, SEEDS, explore=False, steps=6, random_steps=4)
+    obs, actions = replay.data["obs"][:6], replay.data["action"][:6]
+    with torch.no_grad():
+        policy = [agent.act(torch.as_tensor(o).view(MEMBERS, PER_MEMBER, -1), False).reshape(STREAMS, -1) for o in obs]
+    for t in range(6):
+        assert np.allclose(actions[t], policy[t].numpy(), atol=1e-6) == (t >= 4), t
+
+
+def test_each_stream_plays_its_own_episode_quota(counter: Any) -> None:
+    agent, pool, replay = counter
+    quota = episode_quota(3, PER_MEMBER, MEMBERS)  # 3 episodes per member over 2 streams: 2 + 1
+    assert quota.tolist() == [2, 1, 2, 1]
+    result = rollout(agent, pool, None, SEEDS, explore=False, episodes_per_stream=quota)
+    assert result.env_steps == 2 * 5 * STREAMS  # streams that finish early keep playing
+    returns = [[1.0, 2.0], [3.0, 100.0], [5.0, 6.0], [7.0, 100.0]]
+    fitness = RolloutResult(0, returns).member_fitness(MEMBERS, quota)
+    np.testing.assert_allclose(fitness, [2.0, 6.0])  # exactly 3 episodes each, never the 4th
 
 
 def test_rollout_needs_exactly_one_stopping_rule(counter: Any) -> None:

@@ -91,9 +91,38 @@ def test_a_generation_collects_learns_evaluates_and_checkpoints(tiny_config: Tin
 
 
 def test_no_learning_before_warmup(tiny_config: TinyConfig) -> None:
-    trainer = train(tiny_config({"train.generations": 1, "train.warmup_steps": 10_000}))
-    assert trainer.counters.updates == 0
-    assert "critic_loss" not in metrics(trainer.cfg)[0]["members"]
+    cfg = tiny_config({"train.generations": 1, "train.warmup_steps": 10_000, "replay.capacity": 20_000})
+    trainer = runs.start(cfg)
+    trainer.learn = lambda bar: {"diverged": np.zeros(4, bool)}  # type: ignore[method-assign]
+    trainer.train()
+    trainer.close()
+    assert trainer.counters.env_steps >= 10_000  # the warm-up ran although steps_per_generation is 50
+
+
+def test_warmup_takes_uniform_random_actions_step_by_step_even_without_exploration(tiny_config: TinyConfig) -> None:
+    # 4 streams; warm-up 100 transitions = 25 rows; no exploration steps configured at all
+    cfg = tiny_config({"train.generations": 2, "train.steps_per_generation": 0, "train.eval_to_replay": False})
+    trainer = train(cfg)
+    actions = trainer.replay.data["action"][: trainer.replay.filled_rows]
+    assert trainer.replay.filled_rows == 25  # the warm-up happened once, in generation 1
+    assert actions.min() < -0.9 and actions.max() > 0.9 and abs(actions.mean()) < 0.2
+    assert trainer.counters.updates == 2 * 8  # and learning started in generation 1
+
+
+def test_every_member_is_evaluated_from_the_same_start_states(tiny_config: TinyConfig) -> None:
+    cfg = tiny_config({"train.generations": 2, "env.envs_per_member": 2, "train.eval_episodes": 2})
+    trainer = runs.start(cfg)
+    seen: list[np.ndarray] = []
+    reset = trainer.pool.reset
+    trainer.pool.reset = lambda seeds: (seen.append(seeds.copy()), reset(seeds))[1]  # type: ignore[method-assign]
+    trainer.train()
+    trainer.close()
+    explore_1, evaluate_1, explore_2, evaluate_2 = seen
+    assert len(set(explore_1.tolist())) == 8  # exploration: a seed per stream
+    for evaluate in (evaluate_1, evaluate_2):
+        per_member = evaluate.reshape(4, 2)
+        assert (per_member == per_member[0]).all() and per_member[0, 0] != per_member[0, 1]
+    assert not np.array_equal(evaluate_1, evaluate_2)  # new start states every generation
 
 
 def test_old_checkpoints_are_pruned(tiny_config: TinyConfig) -> None:
