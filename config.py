@@ -305,7 +305,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "evolution": {"elites": 1},
     },
     "pendulum": {
-        "env": {"id": "Pendulum-v1"},
+        # Fitness: 2 episodes per member (one in each of its 2 envs) from start states shared by all
+        # members; a Spearman rank reliability of 0.85 vs 0.77 with 1 (benchmarks/selection.py).
+        "env": {"id": "Pendulum-v1", "envs_per_member": 2},
         "agent": {"hidden_sizes": [64, 64], "batch_size": 128, "actor_lr": 1e-3, "critic_lr": 1e-3},
         "replay": {"capacity": 100_000},
         "train": {
@@ -314,6 +316,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "updates_per_generation": 1000,
             "accumulation_steps": 2,
             "warmup_steps": 3_200,
+            "eval_episodes": 2,
         },
     },
     "halfcheetah": {

@@ -37,8 +37,13 @@ def from_search(name: str, value: float) -> float:
 
 
 class Evolution:
-    def __init__(self, cfg: EvolutionConfig, population: int, seed: int) -> None:
+    def __init__(
+        self, cfg: EvolutionConfig, population: int, seed: int, evolved: tuple[str, ...] = HYPERPARAMETERS
+    ) -> None:
+        """``evolved`` names the hyperparameters children perturb or resample; the others are
+        inherited from the parent unchanged."""
         self.cfg = cfg
+        self.evolved = evolved
         self.population = population
         self.rng = np.random.default_rng(seed)
         self.mutation_scale = cfg.mutation_scale
@@ -122,7 +127,7 @@ class Evolution:
         """Perturb (multiply by one of ``perturb_factors``) or resample (log-uniform within bounds)
         every hyperparameter, in its search space (see :func:`to_search`), then clip to bounds."""
         perturb = self.rng.random() < self.cfg.perturb_prob
-        for name in HYPERPARAMETERS:
+        for name in self.evolved:
             low, high = sorted(to_search(name, b) for b in getattr(self.cfg, f"{name}_bounds"))
             value = to_search(name, float(agent.hyperparameters[name][child]))
             if perturb:

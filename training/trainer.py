@@ -16,7 +16,7 @@ from agents import Batch, make_population
 from cloud import checkpoint as ckpt
 from cloud.storage import Storage, StorageError
 from cloud.upload import Uploader
-from config import Config, UserError
+from config import HYPERPARAMETERS, Config, UserError
 from training import oom
 from training.envs import EnvPool, make_env
 from training.evolution import Evolution
@@ -28,6 +28,14 @@ from training.signals import check_stop, stop_requested
 from training.telemetry import TelemetryHistory, memory_snapshot
 
 PHASE_EXPLORE, PHASE_EVALUATE = 0, 1
+
+
+def evolved_hyperparameters(cfg: Config) -> tuple[str, ...]:
+    """The hyperparameters evolution changes: all of them, except the exploration noise when no
+    noisy exploration steps are taken (``train.steps_per_generation`` 0), where it has no effect."""
+    if cfg.train.steps_per_generation > 0:
+        return HYPERPARAMETERS
+    return tuple(name for name in HYPERPARAMETERS if name != "exploration_noise")
 
 
 class TrainingDiverged(UserError):
@@ -85,7 +93,7 @@ class Trainer:
         """Replay shards in the newest local checkpoint, referenced again while unchanged."""
         self.checkpoint_s = 0.0
         """Time the loop was blocked by the newest checkpoint."""
-        self.evolution = Evolution(cfg.evolution, cfg.population, seed=seed + 2)
+        self.evolution = Evolution(cfg.evolution, cfg.population, seed=seed + 2, evolved=evolved_hyperparameters(cfg))
         self.counters = Counters()
         m = cfg.memory
         self.telemetry = TelemetryHistory()

@@ -242,6 +242,18 @@ def test_hyperparameters_stay_within_bounds_over_many_generations(perturb_prob: 
     assert kinds == {"perturbed" if perturb_prob else "resampled"}
 
 
+def test_hyperparameters_not_evolved_are_inherited_unchanged() -> None:
+    agent = make_agent()
+    evolution = Evolution(make_evolution().cfg, P, seed=0, evolved=("actor_lr",))
+    before = {name: hp.clone() for name, hp in agent.hyperparameters.items()}
+    slot_of = {member_id: slot for slot, member_id in enumerate(evolution.member_ids)}
+    events = evolution.evolve(agent, FITNESS, generation=0)
+    for event in events:
+        parent = slot_of[event["parent"]]
+        assert agent.hyperparameters["exploration_noise"][event["slot"]] == before["exploration_noise"][parent]
+    assert any(agent.hyperparameters["actor_lr"][e["slot"]] != before["actor_lr"][slot_of[e["parent"]]] for e in events)
+
+
 def test_optimizer_uses_the_childs_new_learning_rate() -> None:
     agent = make_agent()
     make_evolution(perturb_prob=1.0).evolve(agent, FITNESS, generation=0)

@@ -13,7 +13,7 @@ from support import assert_members_equal, live_storages, tensors_with_graph
 from cloud import checkpoint as ckpt
 from config import Config, UserError
 from training import runs
-from training.trainer import Trainer, TrainingDiverged
+from training.trainer import Trainer, TrainingDiverged, evolved_hyperparameters
 
 TinyConfig = Callable[..., Config]
 
@@ -317,3 +317,8 @@ def test_a_small_pendulum_run_improves_clearly(tiny_config: TinyConfig) -> None:
 def test_the_pendulum_improvement_holds_for_other_seeds(tiny_config: TinyConfig, seed: int) -> None:
     best = _pendulum_best_fitness(tiny_config, seed)
     assert max(best[-3:]) > best[0] + 400, best
+
+
+def test_exploration_noise_is_evolved_only_when_exploration_happens(tiny_config: TinyConfig) -> None:
+    assert "exploration_noise" in evolved_hyperparameters(tiny_config())  # debug preset: 50 noisy steps
+    assert "exploration_noise" not in evolved_hyperparameters(tiny_config({"train.steps_per_generation": 0}))
