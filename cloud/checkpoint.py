@@ -1,15 +1,18 @@
 """The checkpoint format: objects first, then a manifest with the size and sha256 of each.
 
 ```
-<run>/gen-000123/tensors.pt       every tensor (torch.save, read with weights_only=True)
-<run>/gen-000123/state.json       everything else that is not bulk data (JSON)
-<run>/objects/<sha256>            shared blobs (replay shards), content-addressed, referenced by
-                                  every generation in which they did not change
+<run>/objects/<sha256>            every object, content-addressed: a generation's tensors.pt (every
+                                  tensor, torch.save, read with weights_only=True) and state.json
+                                  (everything else, JSON), and the shared blobs (replay shards),
+                                  referenced by every generation in which they did not change
 <run>/gen-000123/MANIFEST.json    written last, create-only: the commit
 <run>/LATEST                      a hint for people; never trusted over a verified manifest
 ```
 
 A generation exists only when its manifest is written and every object it lists matches it.
+Objects are keyed by their content, so a write never changes an object that a committed
+generation lists (two writers of the same generation write different keys). Manifests of the
+first layout, with ``tensors.pt`` and ``state.json`` inside ``gen-000123/``, are still read.
 Nothing in the format is unpickled: loading a checkpoint never executes code.
 """
 
@@ -20,6 +23,7 @@ import io
 import json
 import pickle
 import re
+import sys
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -73,31 +77,34 @@ def manifest_key(run: str, generation: int) -> str:
 
 
 def save(storage: Storage, run: str, generation: int, checkpoint: Checkpoint) -> dict[str, BlobRef]:
-    """Write new blobs, then the generation's objects, then the manifest (the commit), then
-    ``LATEST``. Returns every blob's reference, for the next save to reuse unchanged ones."""
+    """Write new blobs and the generation's objects (all content-addressed), then the manifest
+    (the commit), then ``LATEST``. Returns every blob's reference, for the next save to reuse
+    unchanged ones."""
     refs = {}
     for name, blob in checkpoint.blobs.items():
-        if isinstance(blob, bytes):
-            digest = hashlib.sha256(blob).hexdigest()
-            refs[name] = BlobRef(f"{OBJECTS}/{digest}", len(blob), digest)
-            storage.write(f"{run}/{refs[name].key}", blob)
-        else:
-            refs[name] = blob
+        refs[name] = _write_object(storage, run, blob) if isinstance(blob, bytes) else blob
     objects = {
         "tensors.pt": _tensor_bytes(checkpoint.tensors),
         "state.json": json.dumps(checkpoint.meta, sort_keys=True).encode(),
     }
-    prefix = generation_prefix(run, generation)
-    storage.write_many(prefix, objects)
+    own = {name: _write_object(storage, run, data) for name, data in objects.items()}
     manifest = {
         "format": FORMAT,
         "generation": generation,
-        "objects": {name: _entry(data) for name, data in objects.items()},
+        "objects": {name: ref.to_dict() for name, ref in own.items()},
         "shared": {name: ref.to_dict() for name, ref in sorted(refs.items())},
     }
-    storage.write_new(f"{prefix}/{MANIFEST}", json.dumps(manifest, indent=1, sort_keys=True).encode())
-    storage.write(f"{run}/LATEST", prefix.rsplit("/", 1)[-1].encode())
+    storage.write_new(manifest_key(run, generation), json.dumps(manifest, indent=1, sort_keys=True).encode())
+    storage.write(f"{run}/LATEST", f"gen-{generation:06d}".encode())
     return refs
+
+
+def _write_object(storage: Storage, run: str, data: bytes) -> BlobRef:
+    """Store ``data`` under ``<run>/objects/<sha256>`` (the same key always holds the same bytes)."""
+    digest = hashlib.sha256(data).hexdigest()
+    ref = BlobRef(f"{OBJECTS}/{digest}", len(data), digest)
+    storage.write(f"{run}/{ref.key}", data)
+    return ref
 
 
 def load(storage: Storage, run: str, generation: int, fallbacks: Sequence[Storage] = ()) -> Checkpoint:
@@ -107,8 +114,11 @@ def load(storage: Storage, run: str, generation: int, fallbacks: Sequence[Storag
     ``fallbacks`` (e.g. the bucket behind a local copy) that holds it intact.
     """
     manifest = read_manifest(storage, run, generation)
-    data = {name: _verified(storage, fallbacks, f"{run}/{key}", entry) for name, key, entry in _entries(manifest, run)}
     prefix = generation_prefix(run, generation)
+    data = {
+        name: _verified(storage, fallbacks, f"{run}/{key}", entry, f"{storage.url(prefix)}/{name}")
+        for name, key, entry in _entries(manifest, run)
+    }
     try:
         tensors = torch.load(io.BytesIO(data["tensors.pt"]), weights_only=True, map_location="cpu")
     except pickle.UnpicklingError:
@@ -140,50 +150,114 @@ def generations(storage: Storage, run: str) -> list[int]:
     return sorted(found, reverse=True)
 
 
+@dataclass(frozen=True)
+class Rejected:
+    """A copy of a generation's manifest that did not verify: where, and why."""
+
+    generation: int
+    storage: Storage
+    reason: str
+
+
+@dataclass
+class Latest:
+    """What ``load_latest`` found: the newest generation that verifies in some storage, and every
+    copy of a newer (or the same) generation that failed on the way."""
+
+    generation: int
+    checkpoint: Checkpoint
+    source: Storage
+    failed: list[Rejected]
+
+    def messages(self) -> list[str]:
+        """One line per rejected newer generation, and one per damaged copy of the chosen one."""
+        lines = self.rejected()
+        if damaged := [r.reason for r in self.failed if r.generation == self.generation]:
+            lines.append(
+                f"a copy of generation {self.generation + 1} is damaged ({'; '.join(damaged)}); "
+                f"using the one in {self.source.url('')}"
+            )
+        return lines
+
+    def rejected(self) -> list[str]:
+        """One line per newer generation that no storage holds intact."""
+        newer = sorted({r.generation for r in self.failed if r.generation != self.generation}, reverse=True)
+        return [
+            f"generation {g + 1} rejected: {'; '.join(r.reason for r in self.failed if r.generation == g)}"
+            for g in newer
+        ]
+
+    def discard(self, run: str) -> list[Rejected]:
+        """Delete the manifest of every copy that failed (only those: a generation another copy
+        holds intact, or one never examined, is left alone), so that rejected generations can be
+        committed again. Call only once the resume is otherwise accepted."""
+        for copy in self.failed:
+            copy.storage.delete(manifest_key(run, copy.generation))
+        return self.failed
+
+
 def load_latest(storages: Sequence[Storage], run: str) -> tuple[int, Checkpoint, list[str]]:
-    """The newest generation that verifies in any of ``storages`` (earlier ones preferred for a
-    generation they all hold, the others filling in damaged objects), and one line per newer
-    generation rejected."""
+    """``find_latest`` as (generation, checkpoint, one line per rejected newer generation)."""
+    latest = find_latest(storages, run)
+    return latest.generation, latest.checkpoint, latest.rejected()
+
+
+def find_latest(storages: Sequence[Storage], run: str) -> Latest:
+    """The newest generation that verifies in any of ``storages``: each copy of its manifest is
+    tried (earlier storages first, the others filling in damaged objects), and a generation is
+    rejected only when no copy verifies."""
     holders: dict[int, list[Storage]] = {}
     for storage in storages:
         for generation in generations(storage, run):
             holders.setdefault(generation, []).append(storage)
-    rejected: list[str] = []
+    failed: list[Rejected] = []
     for generation in sorted(holders, reverse=True):
-        first, *others = holders[generation]
-        try:
-            return generation, load(first, run, generation, [s for s in storages if s is not first]), rejected
-        except CheckpointError as err:
-            rejected.append(f"generation {generation + 1} rejected: {err}")
+        for holder in holders[generation]:
+            try:
+                checkpoint = load(holder, run, generation, [s for s in storages if s is not holder])
+            except CheckpointError as err:
+                failed.append(Rejected(generation, holder, str(err)))
+                continue
+            return Latest(generation, checkpoint, holder, failed)
     where = " or ".join(s.url(run) for s in storages)
-    raise CheckpointError(f"no verified checkpoint in {where}" + (f" ({rejected[0]})" if rejected else ""))
+    first = f" (generation {failed[0].generation + 1} rejected: {failed[0].reason})" if failed else ""
+    raise CheckpointError(f"no verified checkpoint in {where}{first}")
 
 
-def discard_after(storage: Storage, run: str, generation: int) -> list[int]:
-    """Delete the manifests of generations newer than ``generation`` (rejected ones, when a resume
-    fell back past them), so that their generations can be committed again; returns them."""
-    newer = [g for g in generations(storage, run) if g > generation]
-    for g in newer:
-        storage.delete(manifest_key(run, g))
-    return newer
-
-
-def prune(storage: Storage, run: str, keep: int, every: int = 0, protect: Collection[int] = ()) -> list[str]:
+def prune(
+    storage: Storage,
+    run: str,
+    keep: int,
+    every: int = 0,
+    protect: Collection[int] = (),
+    problems: list[str] | None = None,
+) -> list[str]:
     """Keep the newest ``keep`` generations (at least one), each ``every``-th one (generations
     ``every``, ``2 * every``, ... counted from 1) and those in ``protect``; delete the rest, each
-    manifest before its objects, then shared blobs no kept manifest references. Returns the
-    deleted keys."""
+    manifest before its objects, then leftover generation folders without a manifest, then
+    objects no kept manifest references. Returns the deleted keys; what could not be counted
+    (a damaged manifest) is appended to ``problems``, or printed as a warning without it."""
     deleted = []
-    for generation in generations(storage, run)[max(keep, 1) :]:
+    committed = generations(storage, run)
+    for generation in committed[max(keep, 1) :]:
         if (every > 0 and (generation + 1) % every == 0) or generation in protect:
             continue
-        prefix = generation_prefix(run, generation)
         deleted.append(manifest_key(run, generation))
         storage.delete(deleted[-1])
-        for key in storage.list(prefix):
+    kept = set(committed) - {int(key.split("/")[-2][4:]) for key in deleted}
+    for key in storage.list(run):  # first-layout objects of deleted generations, aborted attempts
+        folder = _GEN.match(key[len(run) + 1 :].split("/")[0])
+        if folder and int(folder.group(1)) not in kept | set(protect):
             storage.delete(key)
             deleted.append(key)
-    return deleted + _collect_garbage(storage, run)
+    found: list[str] = []
+    deleted += _collect_garbage(storage, run, found)
+    if problems is None:
+        for problem in found:
+            print(f"warning: {problem}", file=sys.stderr, flush=True)
+    else:
+        problems.extend(found)
+    return deleted
 
 
 def read_manifest(storage: Storage, run: str, generation: int) -> dict[str, Any]:
@@ -192,12 +266,15 @@ def read_manifest(storage: Storage, run: str, generation: int) -> dict[str, Any]
         raise CheckpointError(f"{storage.url(key)} is missing")
     try:
         manifest = json.loads(storage.read(key))
+    except FileNotFoundError:  # deleted since the check (retention, a discard)
+        raise CheckpointError(f"{storage.url(key)} is missing") from None
     except ValueError:
         raise CheckpointError(f"{storage.url(key)} is not valid JSON") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{storage.url(key)} is not a {FORMAT} manifest")
     if manifest.get("generation") != generation:
         raise CheckpointError(f"{storage.url(key)} names generation {manifest.get('generation')!r}, not {generation}")
+    _entries(manifest, run)  # well-formed, and names only what the format defines
     return manifest
 
 
@@ -210,55 +287,78 @@ def manifest_objects(manifest: dict[str, Any], run: str) -> list[tuple[str, dict
     return shared + own
 
 
+OWN_OBJECTS = ("state.json", "tensors.pt")
+"""The objects every generation has, by name."""
+_SHARED_NAME = re.compile(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_OBJECT_KEY = re.compile(rf"{OBJECTS}/[0-9a-f]{{64}}")
+
+
 def _entries(manifest: dict[str, Any], run: str) -> list[tuple[str, str, dict[str, Any]]]:
-    """(name, key relative to the run, {size, sha256}) for every object of a manifest."""
+    """(name, key relative to the run, {size, sha256}) for every object of a manifest. Only the
+    names and keys the format defines are accepted: nothing outside the run can be named."""
     prefix = generation_prefix(run, int(manifest["generation"]))[len(run) + 1 :]
-    try:
-        own = [(name, f"{prefix}/{name}", entry) for name, entry in manifest["objects"].items()]
-        shared = [(f"shared/{name}", ref["key"], ref) for name, ref in manifest.get("shared", {}).items()]
-    except (KeyError, TypeError, AttributeError):
-        raise CheckpointError(f"the manifest of {run}/{prefix} is malformed") from None
-    for _, _, entry in own + shared:
-        if not (
-            isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)
-        ):
-            raise CheckpointError(f"the manifest of {run}/{prefix} is malformed")
-    for _, key, _ in shared:
-        if not (isinstance(key, str) and re.fullmatch(rf"{OBJECTS}/[0-9a-f]{{64}}", key)):
-            raise CheckpointError(f"the manifest of {run}/{prefix} references {key!r} outside {OBJECTS}/")
-    return own + shared
+    malformed = CheckpointError(f"the manifest of {run}/{prefix} is malformed")
+    own, shared = manifest.get("objects"), manifest.get("shared", {})
+    if not isinstance(own, dict) or not isinstance(shared, dict):
+        raise malformed
+    if sorted(own) != list(OWN_OBJECTS):
+        raise CheckpointError(
+            f"the manifest of {run}/{prefix} is malformed: it lists {sorted(own)!r}, not {list(OWN_OBJECTS)!r}"
+        )
+    entries = [(name, entry.get("key", f"{prefix}/{name}"), entry) for name, entry in own.items() if _valid(entry)]
+    entries += [(f"shared/{name}", entry.get("key"), entry) for name, entry in shared.items() if _valid(entry)]
+    if len(entries) != len(own) + len(shared):
+        raise malformed
+    for name, key, _ in entries:
+        is_shared = name.startswith("shared/")
+        if is_shared and not _SHARED_NAME.fullmatch(name[len("shared/") :]):
+            raise CheckpointError(f"the manifest of {run}/{prefix} names a blob {name[len('shared/') :]!r}; refused")
+        first_layout = not is_shared and key == f"{prefix}/{name}"
+        if not first_layout and not (isinstance(key, str) and _OBJECT_KEY.fullmatch(key)):
+            raise CheckpointError(f"the manifest of {run}/{prefix} references {key!r} outside {OBJECTS}/; refused")
+    return entries
 
 
-def _verified(storage: Storage, fallbacks: Sequence[Storage], key: str, entry: dict[str, Any]) -> bytes:
+def _valid(entry: Any) -> bool:
+    """An object entry: a size and a sha256 (and, optionally, the key the object is stored under)."""
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("size"), int)
+        and isinstance(entry.get("sha256"), str)
+        and _SHA256.fullmatch(entry["sha256"]) is not None
+    )
+
+
+def _verified(storage: Storage, fallbacks: Sequence[Storage], key: str, entry: dict[str, Any], label: str) -> bytes:
+    """The object's bytes from the first source holding it intact; ``label`` names it in messages."""
     problem = ""
     for source in (storage, *fallbacks):
         if not source.exists(key):
-            problem = problem or f"{storage.url(key)} is missing"
+            problem = problem or f"{label} is missing ({key.split('/', 1)[-1]})"
             continue
         blob = source.read(key)
         if len(blob) == entry["size"] and hashlib.sha256(blob).hexdigest() == entry["sha256"]:
             return blob
-        problem = problem or f"{storage.url(key)} does not match its manifest (size or sha256)"
+        problem = problem or f"{label} does not match its manifest (size or sha256 of {key.split('/', 1)[-1]})"
     raise CheckpointError(problem)
 
 
-def _collect_garbage(storage: Storage, run: str) -> list[str]:
-    """Delete shared blobs that no manifest references (none if any manifest cannot be read)."""
+def _collect_garbage(storage: Storage, run: str, problems: list[str]) -> list[str]:
+    """Delete objects that no manifest references. A manifest that cannot be read protects
+    nothing (it cannot be resumed from): said in ``problems``. A failed request raises."""
     referenced: set[str] = set()
     for generation in generations(storage, run):
         try:
             manifest = read_manifest(storage, run, generation)
-            referenced.update(f"{run}/{key}" for name, key, _ in _entries(manifest, run) if name.startswith("shared/"))
-        except CheckpointError:
-            return []
+        except CheckpointError as err:
+            problems.append(f"{err}; the objects it lists are not kept for it")
+            continue
+        referenced.update(key for key, _ in manifest_objects(manifest, run))
     garbage = [key for key in storage.list(f"{run}/{OBJECTS}") if key not in referenced]
     for key in garbage:
         storage.delete(key)
     return garbage
-
-
-def _entry(data: bytes) -> dict[str, Any]:
-    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def _tensor_bytes(tensors: dict[str, torch.Tensor]) -> bytes:

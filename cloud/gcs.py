@@ -19,6 +19,7 @@ from google.auth import exceptions as auth_exceptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage as gcs
 from google.cloud.storage.retry import DEFAULT_RETRY
+from google.resumable_media import DataCorruption, InvalidResponse
 
 from cloud.storage import AlreadyExists, Storage, StorageError
 
@@ -148,6 +149,9 @@ class GCSStorage(Storage):
             ) from None
         except api_exceptions.GoogleAPICallError as err:
             raise StorageError(f"GCS request to bucket {bucket!r} failed with HTTP {err.code}") from None
+        except (DataCorruption, InvalidResponse, auth_exceptions.GoogleAuthError) as err:
+            # a checksum mismatch in transfer, an unexpected status, other credential trouble
+            raise StorageError(f"GCS request to bucket {bucket!r} failed ({type(err).__name__})") from None
 
 
 def _make_client() -> gcs.Client:
@@ -159,12 +163,16 @@ def _make_client() -> gcs.Client:
         # No project needed for object operations; credentials come from the standard sources.
         return gcs.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT"))
     except auth_exceptions.DefaultCredentialsError:
-        path = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
-        where = f"GOOGLE_APPLICATION_CREDENTIALS={path} could not be loaded; " if path else ""
+        # Never the variable's value: it is a path, but people also paste the key itself into it.
+        where = "GOOGLE_APPLICATION_CREDENTIALS is set but could not be loaded; " if _credentials_set() else ""
         raise StorageError(
             f"no Google Cloud credentials found ({where}set GOOGLE_APPLICATION_CREDENTIALS to a service account "
             "key file or run `gcloud auth application-default login`)"
         ) from None
+
+
+def _credentials_set() -> bool:
+    return bool(os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"))
 
 
 def _endpoint() -> str:

@@ -25,7 +25,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from cloud.storage import AlreadyExists, Storage, StorageError
+from cloud.storage import AlreadyExists, Storage, StorageError, redact
 
 _MISSING = ("NoSuchKey", "404", "NotFound")
 _DENIED = ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken")
@@ -58,7 +58,7 @@ class S3Storage(Storage):
         # A session of its own: credentials are resolved afresh (the default session caches them) and
         # client creation stays thread-safe for background uploads.
         self._client: Any = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
-        self.endpoint = str(self._client.meta.endpoint_url)
+        self.endpoint = redact(str(self._client.meta.endpoint_url))  # for messages: no user:password@
 
     @classmethod
     def from_uri(cls, uri: str, endpoint_url: str | None = None, **kwargs: Any) -> S3Storage:
@@ -151,10 +151,11 @@ class S3Storage(Storage):
                 raise StorageError(
                     f"S3 access denied to bucket {self.bucket!r} ({code}; check AWS credentials: {_CREDENTIAL_SOURCES})"
                 ) from None
-            message = err.response.get("Error", {}).get("Message") or "no message"
+            message = redact(err.response.get("Error", {}).get("Message") or "no message")
             raise StorageError(f"S3 {action} of {self.url(key)} failed: {code}: {message}") from None
         except BotoCoreError as err:
-            raise StorageError(f"S3 {action} of {self.url(key)} failed: {type(err).__name__}: {err}") from None
+            detail = f"{type(err).__name__}: {redact(str(err))}"
+            raise StorageError(f"S3 {action} of {self.url(key)} failed: {detail}") from None
 
 
 def _code(err: ClientError) -> str:

@@ -7,7 +7,9 @@ or ``gs://bucket/prefix`` behind the same methods.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import suppress
@@ -15,6 +17,13 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from config import UserError
+
+_USER_INFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@'\"]*@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the user info (``user:password@``) of every URL in it removed."""
+    return _USER_INFO.sub(r"\1", text)
 
 
 class StorageError(UserError):
@@ -127,7 +136,7 @@ class LocalStorage(Storage):
         return sorted(
             str(p.relative_to(self.root)).replace(os.sep, "/")
             for p in base.rglob("*")
-            if p.is_file() and ".tmp-" not in p.name and not any(part.endswith(".partial") for part in p.parts)
+            if p.is_file() and ".tmp-" not in p.name and not _in_staging(p.relative_to(self.root))
         )
 
     def delete(self, key: str) -> None:
@@ -137,6 +146,11 @@ class LocalStorage(Storage):
         while parent != self.root and parent.is_dir() and not any(parent.iterdir()):
             parent.rmdir()
             parent = parent.parent
+
+
+def _in_staging(relative: Path) -> bool:
+    """A path inside a staging folder (``.NAME.partial``) of ``write_many``, below the root."""
+    return any(part.startswith(".") and part.endswith(".partial") for part in relative.parts)
 
 
 def _write_synced(path: Path, data: bytes) -> None:
@@ -169,20 +183,23 @@ def open_storage(uri: str, *, quick: bool = False) -> Storage:
         try:
             from cloud.s3 import S3Storage
         except ImportError:
-            raise StorageError(f"{uri} needs boto3: pip install 'evorl[s3]'") from None
+            raise StorageError(f"{redact(uri)} needs boto3: pip install 'evorl[s3]'") from None
         return S3Storage.from_uri(uri, max_attempts=2, connect_timeout=3) if quick else S3Storage.from_uri(uri)
     if parsed.scheme == "gs":
         try:
             from cloud.gcs import GCSStorage
         except ImportError:
-            raise StorageError(f"{uri} needs google-cloud-storage: pip install 'evorl[gcs]'") from None
+            raise StorageError(f"{redact(uri)} needs google-cloud-storage: pip install 'evorl[gcs]'") from None
         return GCSStorage.from_uri(uri, timeout=5, deadline=8) if quick else GCSStorage.from_uri(uri)
-    raise StorageError(f"unsupported storage URI {uri!r}; use a local path, s3://bucket/prefix or gs://bucket/prefix")
+    raise StorageError(
+        f"unsupported storage URI {redact(uri)!r}; use a local path, s3://bucket/prefix or gs://bucket/prefix"
+    )
 
 
 def check_writable(storage: Storage, key: str) -> None:
-    """Write, read back and delete a marker so a bad location fails before training starts."""
-    marker = f"{key}/.write-check"
+    """Write, read back and delete a marker so a bad location fails before training starts. The
+    marker's name is unique to the call: trainers starting together do not trip over each other."""
+    marker = f"{key}/.write-check-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     try:
         storage.write(marker, b"ok")
         if storage.read(marker) != b"ok":

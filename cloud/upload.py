@@ -10,7 +10,6 @@ as long as the run lives, so an outage delays uploads but never training or loca
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud import checkpoint as ckpt
+from cloud.lease import Lease, LeaseLost
 from cloud.storage import AlreadyExists, Storage, StorageError
 
 
@@ -35,7 +35,8 @@ class UploadStatus:
     uploaded: int | None
     """Newest generation committed remotely by this process."""
     error: str
-    """The last failure (empty once an upload succeeds again)."""
+    """The last failure (empty once an upload succeeds again), or else the last retention problem
+    on the remote (empty once retention succeeds again)."""
     fatal: str
     """A failure that retrying cannot fix (another writer committed the same generation)."""
 
@@ -57,8 +58,12 @@ class Uploader:
         keep_every: int,
         log_files: Callable[[], list[Path]] = list,
         max_backoff_s: float = 60.0,
+        lease: Lease | None = None,
     ) -> None:
+        """``lease``: this trainer's claim on the run at ``remote``; checked before each upload and
+        released by ``close``."""
         self.local, self.remote, self.run = local, remote, run
+        self.lease = lease
         self.keep, self.keep_every = keep, keep_every
         self.log_files = log_files
         self.max_backoff_s = max_backoff_s
@@ -68,6 +73,7 @@ class Uploader:
         self._pending: dict[int, float] = {}  # generation -> when it was committed locally
         self._uploaded: int | None = None
         self._error = ""
+        self._retention_error = ""
         self._fatal = ""
         self._closed = False
         self._remote_blobs: set[str] | None = None  # shared blob keys known to be on the remote
@@ -84,7 +90,8 @@ class Uploader:
         with self._wake:
             pending = sorted(self._pending)
             oldest = time.monotonic() - min(self._pending.values()) if self._pending else 0.0
-            return UploadStatus(pending, oldest, self._uploaded, self._error, self._fatal)
+            error = self._error or self._retention_error
+            return UploadStatus(pending, oldest, self._uploaded, error, self._fatal)
 
     def wait(self, timeout_s: float) -> bool:
         """Block until nothing is pending (True) or ``timeout_s`` passed or uploads failed fatally."""
@@ -105,6 +112,8 @@ class Uploader:
             self._closed = True
             self._wake.notify_all()
         self._thread.join(timeout=1.0)
+        if self.lease is not None:
+            self.lease.release()
 
     # ------------------------------------------------------------ the background thread
 
@@ -124,6 +133,11 @@ class Uploader:
                 backoff = min(1.0, self.max_backoff_s)
             except _Skip as skip:
                 self._done(generation, uploaded=False, error=str(skip))
+            except LeaseLost as lost:  # another trainer writes the run now: stop, one line
+                with self._wake:
+                    self._fatal = str(lost)
+                    self._wake.notify_all()
+                return
             except (StorageError, OSError) as err:  # unreachable, denied, full, ...: retried
                 with self._wake:
                     self._error = f"generation {generation + 1}: {err}"
@@ -156,8 +170,15 @@ class Uploader:
             if not self.local.exists(key):
                 raise _Skip("")  # pruned locally before its turn: retention would not keep it anyway
             self.in_flight = generation
+        try:
+            manifest = ckpt.read_manifest(self.local, run, generation)  # names only what the format defines
+        except ckpt.CheckpointError as err:
+            raise _Skip(str(err)) from None
         manifest_bytes = self.local.read(key)
-        manifest = json.loads(manifest_bytes)
+        if self.lease is not None:
+            self.lease.check()  # another trainer took the run over: write nothing more
+        if self._committed_already(key, manifest_bytes):
+            return
         if self._remote_blobs is None:
             self._remote_blobs = set(self.remote.list(f"{run}/{ckpt.OBJECTS}"))
         for object_key, entry in ckpt.manifest_objects(manifest, run):
@@ -173,24 +194,38 @@ class Uploader:
         self.remote.write(f"{run}/LATEST", f"gen-{generation:06d}".encode())
 
     def _prune_remote(self) -> None:
-        """Retention on the remote side; a failure is left for the next upload to retry."""
+        """Retention on the remote side; a failure is shown in the status (and so in the log) and
+        left for the next upload to retry."""
+        problems: list[str] = []
         try:
-            deleted = ckpt.prune(self.remote, self.run, self.keep, self.keep_every)
-        except (StorageError, OSError):
+            deleted = ckpt.prune(self.remote, self.run, self.keep, self.keep_every, problems=problems)
+        except (StorageError, OSError) as err:
             self._remote_blobs = None  # what was deleted is unknown: list again next time
+            self._set_retention_error(f"retention on {self.remote.url(self.run)} failed: {err}")
             return
+        self._set_retention_error(f"retention on {self.remote.url(self.run)}: {problems[0]}" if problems else "")
         if self._remote_blobs is not None:
             self._remote_blobs.difference_update(deleted)
+
+    def _set_retention_error(self, message: str) -> None:
+        with self._wake:
+            self._retention_error = message
+
+    def _committed_already(self, key: str, manifest: bytes) -> bool:
+        """True if the remote holds this very manifest (a retry after a lost response); a
+        different one there is another writer's generation, which nothing may overwrite."""
+        if not self.remote.exists(key):
+            return False
+        if self.remote.read(key) != manifest:
+            raise _conflict(self.remote.url(key))
+        return True
 
     def _commit(self, key: str, manifest: bytes) -> None:
         try:
             self.remote.write_new(key, manifest)
         except AlreadyExists:  # a retry after a lost response, or another writer
             if self.remote.read(key) != manifest:
-                raise RuntimeError(
-                    f"{self.remote.url(key)} was committed by another writer with different contents; "
-                    "is a second trainer using the same run name?"
-                ) from None
+                raise _conflict(self.remote.url(key)) from None
 
     def _read_verified(self, key: str, entry: dict[str, Any]) -> bytes:
         try:
@@ -200,6 +235,12 @@ class Uploader:
         if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise _Skip(f"{self.local.url(key)} does not match its manifest")
         return data
+
+
+def _conflict(url: str) -> RuntimeError:
+    return RuntimeError(
+        f"{url} was committed by another writer with different contents; is a second trainer using the same run name?"
+    )
 
 
 def _complete_lines(data: bytes) -> bytes:

@@ -41,7 +41,11 @@ def saved(storage: LocalStorage, generations: int) -> LocalStorage:
 
 
 def object_path(storage: LocalStorage, generation: int, name: str) -> Path:
-    return storage.root / ckpt.generation_prefix(RUN, generation) / name
+    """Where a generation's manifest, or an object it lists by ``name``, is stored."""
+    manifest = storage.root / ckpt.manifest_key(RUN, generation)
+    if name == ckpt.MANIFEST:
+        return manifest
+    return storage.root / RUN / json.loads(manifest.read_text())["objects"][name]["key"]
 
 
 def rewrite_manifest_entry(storage: LocalStorage, generation: int, name: str, data: bytes) -> None:
@@ -49,7 +53,7 @@ def rewrite_manifest_entry(storage: LocalStorage, generation: int, name: str, da
     object_path(storage, generation, name).write_bytes(data)
     manifest_path = object_path(storage, generation, ckpt.MANIFEST)
     manifest = json.loads(manifest_path.read_text())
-    manifest["objects"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest["objects"][name].update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
     manifest_path.write_text(json.dumps(manifest))
 
 
@@ -76,12 +80,14 @@ def test_save_then_load_round_trips_tensors_blobs_and_meta(storage: LocalStorage
 def test_save_writes_objects_shared_blobs_a_manifest_and_the_latest_hint(storage: LocalStorage) -> None:
     saved(storage, 2)
     prefix = f"{RUN}/gen-000001/"
-    assert sorted(k[len(prefix) :] for k in storage.list(prefix)) == ["MANIFEST.json", "state.json", "tensors.pt"]
+    assert [k[len(prefix) :] for k in storage.list(prefix)] == ["MANIFEST.json"]
     manifest = json.loads(storage.read(f"{prefix}MANIFEST.json"))
     assert manifest["format"] == ckpt.FORMAT and manifest["generation"] == 1
-    for name, entry in manifest["objects"].items():
-        data = storage.read(prefix + name)
-        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert sorted(manifest["objects"]) == ["state.json", "tensors.pt"]
+    for entry in manifest["objects"].values():  # content-addressed: never overwritten by another writer
+        data = storage.read(f"{RUN}/{entry['key']}")
+        digest = hashlib.sha256(data).hexdigest()
+        assert entry == {"key": f"objects/{digest}", "size": len(data), "sha256": digest}
     for name, ref in manifest["shared"].items():
         data = storage.read(f"{RUN}/{ref['key']}")
         assert data == sample_checkpoint(1).blobs[name]
@@ -99,7 +105,7 @@ def test_unchanged_blobs_are_referenced_not_written_again(storage: LocalStorage)
     ckpt.save(storage, RUN, 1, second)
     assert zero.stat().st_mtime_ns == written
     assert ckpt.load(storage, RUN, 1).blobs["replay/00000"] == b"shard zero"
-    assert len(storage.list(f"{RUN}/{ckpt.OBJECTS}")) == 3  # shard zero once, shard one of each generation
+    assert len(storage.list(f"{RUN}/{ckpt.OBJECTS}")) == 3 + 4  # shard zero once, shard one and 2 objects each
 
 
 def test_a_committed_generation_is_never_overwritten(storage: LocalStorage) -> None:
@@ -191,9 +197,13 @@ def test_the_newest_generation_of_either_location_wins(tmp_path: Path) -> None:
     assert generation == 3 and state.meta["generation"] == 3
 
 
-def test_discard_after_removes_newer_manifests_so_they_can_be_committed_again(storage: LocalStorage) -> None:
+def test_discard_removes_rejected_manifests_so_they_can_be_committed_again(storage: LocalStorage) -> None:
     saved(storage, 4)
-    assert ckpt.discard_after(storage, RUN, 1) == [3, 2]
+    flip_a_byte(object_path(storage, 3, "tensors.pt"))
+    flip_a_byte(object_path(storage, 2, "state.json"))
+    latest = ckpt.find_latest([storage], RUN)
+    assert latest.generation == 1
+    assert [(r.generation, r.storage) for r in latest.discard(RUN)] == [(3, storage), (2, storage)]
     assert ckpt.generations(storage, RUN) == [1, 0]
     ckpt.save(storage, RUN, 2, sample_checkpoint(2))
     assert ckpt.generations(storage, RUN) == [2, 1, 0]
@@ -275,8 +285,9 @@ def test_prune_deletes_blobs_that_no_kept_generation_references(storage: LocalSt
     assert blob_path(storage, b"shard zero").exists()
     assert not blob_path(storage, b"shard one of generation 1").exists()
     assert f"{RUN}/objects/{hashlib.sha256(b'shard one of generation 0').hexdigest()}" in deleted
+    own = [f"{RUN}/{entry['key']}" for entry in ckpt.read_manifest(storage, RUN, 2)["objects"].values()]
     assert sorted(storage.list(f"{RUN}/{ckpt.OBJECTS}")) == sorted(
-        f"{RUN}/objects/{hashlib.sha256(b).hexdigest()}" for b in (b"shard zero", b"shard one of generation 2")
+        [f"{RUN}/objects/{hashlib.sha256(b).hexdigest()}" for b in (b"shard zero", b"shard one of generation 2")] + own
     )
     assert ckpt.load(storage, RUN, 2).blobs["replay/00000"] == b"shard zero"
 
@@ -288,11 +299,14 @@ def test_prune_spares_protected_generations(storage: LocalStorage) -> None:
     assert ckpt.load(storage, RUN, 1).meta["generation"] == 1
 
 
-def test_prune_deletes_no_blob_while_a_manifest_is_unreadable(storage: LocalStorage) -> None:
+def test_an_unreadable_manifest_is_reported_and_garbage_still_collected(storage: LocalStorage) -> None:
     saved(storage, 3)
     object_path(storage, 2, ckpt.MANIFEST).write_text("{damaged")
-    ckpt.prune(storage, RUN, keep=2)
-    assert blob_path(storage, b"shard one of generation 1").exists()
+    problems: list[str] = []
+    ckpt.prune(storage, RUN, keep=2, problems=problems)
+    assert not blob_path(storage, b"shard one of generation 0").exists()  # GC went on
+    assert blob_path(storage, b"shard one of generation 1").exists()  # generation 2 is kept
+    assert len(problems) == 1 and "gen-000002/MANIFEST.json is not valid JSON" in problems[0]
 
 
 def test_prune_with_fewer_generations_than_kept_deletes_nothing(storage: LocalStorage) -> None:

@@ -207,9 +207,7 @@ def test_check_writable_names_a_missing_bucket(emulator: str, monkeypatch: pytes
 def test_checkpoints_round_trip_in_the_local_format(storage: GCSStorage) -> None:
     for generation in range(2):
         ckpt.save(storage, RUN, generation, sample_checkpoint(generation))
-    assert storage.list(f"{RUN}/gen-000001") == [
-        f"{RUN}/gen-000001/{name}" for name in ["MANIFEST.json", "state.json", "tensors.pt"]
-    ]
+    assert storage.list(f"{RUN}/gen-000001") == [f"{RUN}/gen-000001/MANIFEST.json"]
     assert storage.read(f"{RUN}/LATEST") == b"gen-000001"
     loaded = ckpt.load(storage, RUN, 1)
     assert torch.equal(loaded.tensors["agent.w"], torch.full((2, 3), 1.0))
@@ -222,7 +220,8 @@ def test_checkpoints_round_trip_in_the_local_format(storage: GCSStorage) -> None
 def test_a_flipped_byte_in_the_bucket_falls_back_to_the_previous_generation(storage: GCSStorage, bucket: str) -> None:
     for generation in range(3):
         ckpt.save(storage, RUN, generation, sample_checkpoint(generation))
-    blob = gcs.Client().bucket(bucket).blob(f"runs/team/{RUN}/gen-000002/tensors.pt")  # behind GCSStorage's back
+    key = ckpt.read_manifest(storage, RUN, 2)["objects"]["tensors.pt"]["key"]
+    blob = gcs.Client().bucket(bucket).blob(f"runs/team/{RUN}/{key}")  # behind GCSStorage's back
     data = bytearray(blob.download_as_bytes())
     data[len(data) // 2] ^= 0x01
     blob.upload_from_string(bytes(data))
@@ -231,3 +230,14 @@ def test_a_flipped_byte_in_the_bucket_falls_back_to_the_previous_generation(stor
     generation, state, rejected = ckpt.load_latest([storage], RUN)
     assert generation == 1 and state.meta["generation"] == 1
     assert len(rejected) == 1 and rejected[0].startswith("generation 3 rejected:")
+
+
+def test_key_material_pasted_into_the_variable_is_never_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = "SECRET-KEY-MATERIAL-5678"
+    pasted = json.dumps({"type": "service_account", "private_key": f"-----BEGIN PRIVATE KEY-----\n{secret}\n"})
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", pasted)  # the key itself instead of a path to it
+    with pytest.raises(StorageError) as info:
+        GCSStorage.from_uri("gs://bucket/prefix")
+    assert "could not be loaded" in str(info.value)
+    assert secret not in str(info.value) and "BEGIN PRIVATE KEY" not in str(info.value)

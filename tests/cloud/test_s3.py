@@ -234,7 +234,7 @@ def test_the_layout_in_s3_matches_local_storage(storage: S3Storage, tmp_path: Pa
 def test_a_flipped_byte_in_s3_falls_back_to_the_previous_generation(storage: S3Storage) -> None:
     for generation in range(3):
         ckpt.save(storage, RUN, generation, sample_checkpoint(generation))
-    key = f"{ckpt.generation_prefix(RUN, 2)}/tensors.pt"
+    key = f"{RUN}/{ckpt.read_manifest(storage, RUN, 2)['objects']['tensors.pt']['key']}"
     blob = bytearray(storage.read(key))
     blob[len(blob) // 2] ^= 0x01
     storage.write(key, bytes(blob))
@@ -243,3 +243,15 @@ def test_a_flipped_byte_in_s3_falls_back_to_the_previous_generation(storage: S3S
     generation, state, rejected = ckpt.load_latest([storage], RUN)
     assert (generation, state.meta["generation"]) == (1, 1)
     assert len(rejected) == 1 and rejected[0].startswith("generation 3 rejected:")
+
+
+def test_user_info_in_the_endpoint_never_appears_in_a_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    port = free_port()  # nothing listens there
+    storage = S3Storage("bucket", "p", endpoint_url=f"http://admin:hunter2pw@127.0.0.1:{port}", max_attempts=1)
+    with pytest.raises(StorageError) as err:
+        storage.read("k")
+    assert f"127.0.0.1:{port}" in str(err.value) and "hunter2pw" not in str(err.value) and "admin" not in str(err.value)
+    assert "hunter2pw" not in repr(storage) and "hunter2pw" not in storage.endpoint

@@ -124,8 +124,8 @@ def test_remote_retention_keeps_the_newest_and_every_mth(local: LocalStorage, re
         commit(local, uploader, generation)
         assert uploader.wait(10)
     assert ckpt.generations(remote, RUN) == [6, 5, 2]
-    kept = {ref["key"] for g in (6, 5, 2) for ref in ckpt.read_manifest(remote, RUN, g)["shared"].values()}
-    assert {key.split("/", 1)[1] for key in remote.list(f"{RUN}/objects")} == kept
+    kept = {key for g in (6, 5, 2) for key, _ in ckpt.manifest_objects(ckpt.read_manifest(remote, RUN, g), RUN)}
+    assert set(remote.list(f"{RUN}/objects")) == kept
     uploader.close()
 
 
