@@ -167,6 +167,9 @@ class RunConfig:
     """Failed uploads are retried after 1 s, 2 s, 4 s, ... up to this interval, for as long as the run lasts."""
     upload_wait_s: float = 600.0
     """At the end of a run, how long to wait for pending uploads (a run stopped by a signal waits at most 20 s)."""
+    writer_lease_s: float = 60.0
+    """With ``checkpoint_uri``: a trainer's claim on its run there lasts this long unless renewed
+    (every quarter of it); a second trainer on the same run stops while the claim is alive."""
     tensorboard: bool = True
     """Write TensorBoard scalars."""
     progress: bool = True
@@ -257,6 +260,7 @@ class Config:
         _check(self.run.replay_shard_mb > 0, "run.replay_shard_mb must be > 0")
         _check(self.run.upload_retry_max_s > 0, "run.upload_retry_max_s must be > 0")
         _check(self.run.upload_wait_s >= 0, "run.upload_wait_s must be >= 0")
+        _check(self.run.writer_lease_s > 0, "run.writer_lease_s must be > 0")
         scheme = self.run.checkpoint_uri.split("://", 1)[0] if "://" in self.run.checkpoint_uri else ""
         _check(
             scheme in ("", "file", "s3", "gs"),

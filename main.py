@@ -223,7 +223,9 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except UserError as err:
-        click.echo(f"error: {err}", err=True)
+        from cloud.storage import redact  # no user:password@ of a URL in any message
+
+        click.echo(f"error: {redact(str(err))}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo(

@@ -3,14 +3,23 @@ after each generation, a JSONL log and TensorBoard scalars."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import time
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
+
+from config import UserError
+
+
+class LogWriteError(UserError):
+    """A log file could not be written (a full disk, a read-only mount): shown as one line."""
 
 
 class ProgressBar:
@@ -85,8 +94,8 @@ def _checkpoint_line(r: dict[str, Any]) -> str:
     line = f"  checkpoint    previous commit blocked {r['checkpoint_s']:.2f}s"
     if "upload_pending" not in r:
         return line
-    if not r["upload_pending"]:
-        return line + "  upload up to date"
+    if not r["upload_pending"]:  # up to date, unless a generation was skipped or retention fails
+        return line + (f"  upload: {r['upload_error']}" if r["upload_error"] else "  upload up to date")
     error = f"  retrying: {r['upload_error']}" if r["upload_error"] else ""
     return line + f"  upload {r['upload_pending']} generation(s) behind ({r['upload_lag_s']:.0f}s){error}"
 
@@ -123,8 +132,7 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any], members: dict[str, list[float]]) -> None:
         """Append one generation: ``record`` of scalars, ``members`` metric -> P floats."""
-        with self.path.open("a") as f:
-            f.write(json.dumps({**record, "members": members}) + "\n")
+        _append_lines(self.path, [json.dumps({**record, "members": members})], record["generation"])
         if self.writer is None:
             return
         step = record["env_steps_total"]
@@ -142,20 +150,71 @@ class MetricsLog:
 
     def write_events(self, events: list[dict[str, Any]]) -> None:
         """Append evolution's lineage records (who replaced whom, with what)."""
-        with self.lineage_path.open("a") as f:
-            f.writelines(json.dumps(event) + "\n" for event in events)
+        if events:
+            _append_lines(self.lineage_path, [json.dumps(event) for event in events], events[0]["generation"])
 
     def truncate_after(self, generation: int) -> None:
-        """Drop records past ``generation`` (a resume runs the generations after it again)."""
+        """Drop records past ``generation`` (a resume runs the generations after it again), and a
+        torn line (a write cut short by a full disk or a crash) with a warning; atomic."""
         for path in (self.path, self.lineage_path):
             if path.exists():
-                kept = [
-                    line
-                    for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["generation"] <= generation
-                ]
-                path.write_text("".join(line + "\n" for line in kept))
+                records = read_records(path)
+                replace_lines(path, [line for g, line in records if g <= generation])
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def read_records(path: Path) -> list[tuple[int, str]]:
+    """(generation, line) of every complete record in a JSONL log; torn or foreign lines are
+    dropped with a warning."""
+    records = []
+    for number, line in enumerate(path.read_bytes().decode(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            generation = json.loads(line)["generation"]
+            if not isinstance(generation, int):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            print(f"warning: {path}:{number} is not a complete record (a write cut short?); dropped", flush=True)
+            continue
+        records.append((generation, line))
+    return records
+
+
+def replace_lines(path: Path, lines: Iterable[str]) -> None:
+    """Rewrite ``path`` atomically (a synced temporary file, then a rename); one-line error if it fails."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("w") as f:
+            f.writelines(line + "\n" for line in lines)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise LogWriteError(f"cannot rewrite {path}: {err.strerror or err}; it is unchanged") from None
+
+
+def _append_lines(path: Path, lines: list[str], generation: int) -> None:
+    """Append whole lines, or nothing: a failed write is cut back to where the file ended, so no
+    torn line stays behind, and said in one line naming the last complete checkpoint."""
+    data = memoryview("".join(line + "\n" for line in lines).encode())
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            end = os.fstat(fd).st_size
+            try:
+                while data:
+                    data = data[os.write(fd, data) :]
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, end)
+                raise
+        finally:
+            os.close(fd)
+    except OSError as err:
+        last = f"generation {generation}" if generation > 0 else "none yet"
+        raise LogWriteError(f"cannot write {path}: {err.strerror or err}; last complete checkpoint: {last}") from None

@@ -6,6 +6,7 @@ import json
 import re
 import time
 from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -13,11 +14,12 @@ from urllib.parse import urlparse
 import torch
 
 from cloud import checkpoint as ckpt
-from cloud.storage import LocalStorage, Storage, check_writable, open_storage
+from cloud.lease import Lease
+from cloud.storage import AlreadyExists, LocalStorage, Storage, StorageError, check_writable, open_storage
 from cloud.upload import Uploader
 from config import Config, RunConfig, UserError, build_config, changed_keys, from_dict
 from training.envs import make_env
-from training.report import MetricsLog
+from training.report import MetricsLog, read_records, replace_lines
 from training.trainer import Trainer
 
 RUN_FILE = "run.json"
@@ -39,6 +41,7 @@ RESUME_MAY_CHANGE = (
     "run.replay_shard_mb",
     "run.upload_retry_max_s",
     "run.upload_wait_s",
+    "run.writer_lease_s",
 )
 """Keys a resumed run may change without changing what its checkpoint means (and ``memory.*``)."""
 
@@ -93,13 +96,20 @@ def start(cfg: Config) -> Trainer:
     for storage in (local, remote):
         if storage is not None and storage.exists(f"{name}/{RUN_FILE}"):
             raise UserError(f"run {name!r} already exists in {storage.url('')}; use --resume or another --name")
-    trainer = _build(cfg, name, local, remote)
+    lease = _lease(cfg, name, remote)
+    if lease is not None:
+        lease.refuse_if_taken()
     record = json.dumps(
         {"version": VERSION, "created": time.time(), "config_hash": cfg.hash(), "config": cfg.to_dict()}, indent=1
     ).encode()
-    local.write(f"{name}/{RUN_FILE}", record)
-    if remote is not None:
-        remote.write_new(f"{name}/{RUN_FILE}", record)
+    trainer = _build(cfg, name, local, remote, lease)
+    try:
+        if remote is not None:  # create-only: of two trainers starting the same run together, one stops here
+            remote.write_new(f"{name}/{RUN_FILE}", record)
+        local.write(f"{name}/{RUN_FILE}", record)
+    except StorageError:
+        trainer.close()
+        raise
     _write_resolved_config(trainer)
     return trainer
 
@@ -107,7 +117,10 @@ def start(cfg: Config) -> Trainer:
 def resume(run_dir: str, name: str, overrides: dict[str, Any], allow: Sequence[str] = ()) -> Trainer:
     """Load the run's newest verified generation (from the run folder or the checkpoint URI),
     rebuild the config it was written with (plus ``overrides``, which may change only safe keys
-    and the keys in ``allow``) and return a trainer positioned right after it."""
+    and the keys in ``allow``) and return a trainer positioned right after it.
+
+    Nothing is deleted or uploaded until the resume is accepted (the config fits, the state
+    restores); then only the copies of manifests that failed verification are removed."""
     local = _local_storage(run_dir)
     explicit_uri = _explicit_checkpoint_uri(overrides)
     name = name or _latest_run(run_dir, explicit_uri or "")
@@ -119,33 +132,71 @@ def resume(run_dir: str, name: str, overrides: dict[str, Any], allow: Sequence[s
         raise UserError(f"nothing to resume: no run {name!r} in {' or '.join(s.url('') for s in storages)}")
     if saved.get("version") != VERSION:
         raise UserError(f"run {name!r} was written by an incompatible version ({saved.get('version')})")
+    if remote is not None:  # a second trainer on this run stops here, before it writes anything
+        Lease(remote, name, RunConfig().writer_lease_s).refuse_if_taken()  # the holder's own ttl_s counts
     check_writable(local, name)
-    generation, state, rejected = ckpt.load_latest(storages, name)
-    for line in rejected:
+    latest = ckpt.find_latest(storages, name)
+    for line in latest.messages():
         print(f"warning: {line}")
-    for storage in storages:  # so that those generations can be committed again
-        for g in ckpt.discard_after(storage, name, generation):
-            print(f"warning: removed the manifest of rejected generation {g + 1} in {storage.url(name)}")
-    cfg = _resumed_config(name, generation, state, saved, overrides, allow)
-    if not local.exists(f"{name}/{RUN_FILE}"):  # e.g. a new machine resuming from a bucket
-        local.write(f"{name}/{RUN_FILE}", json.dumps(saved, indent=1).encode())
-        if remote is not None:
-            _download_logs(remote, local, name)
-    trainer = _build(cfg, name, local, remote)
+    cfg = _resumed_config(name, latest.generation, latest.checkpoint, saved, overrides, allow)
+    lease = _lease(cfg, name, remote)
+    trainer = _build(cfg, name, local, remote, lease)
     try:
-        trainer.restore(state)
+        trainer.restore(latest.checkpoint)
     except ValueError as err:  # shapes that the allowed change altered (population, networks, replay)
         trainer.close()
-        raise UserError(f"generation {generation + 1} of run {name!r} does not fit the changed config: {err}") from None
-    trainer.log.truncate_after(generation)
+        raise UserError(
+            f"generation {latest.generation + 1} of run {name!r} does not fit the changed config: {err}"
+        ) from None
+    for copy in latest.discard(name):  # accepted: rejected generations can be committed again
+        print(f"warning: removed the damaged manifest of generation {copy.generation + 1} in {copy.storage.url(name)}")
+    _record_run(local, remote, name, saved)
+    if remote is not None:
+        _merge_logs(remote, trainer.log)
+    trainer.log.truncate_after(latest.generation)
     _write_resolved_config(trainer)
     if remote is not None and trainer.uploader is not None:  # catch up on what never reached the remote
         newest_remote = max(ckpt.generations(remote, name), default=-1)
         for g in sorted(ckpt.generations(local, name)):
             if g > newest_remote:
                 trainer.uploader.submit(g)
-    print(f"resuming run {name!r} after generation {generation + 1} ({trainer.counters.env_steps:,} env steps so far)")
+    print(
+        f"resuming run {name!r} after generation {latest.generation + 1} "
+        f"({trainer.counters.env_steps:,} env steps so far)"
+    )
     return trainer
+
+
+def _record_run(local: LocalStorage, remote: Storage | None, name: str, saved: dict[str, Any]) -> None:
+    """The run's record wherever it is missing: a new machine resuming from a bucket, or a
+    checkpoint URI added on resume (so that a resume from there, and ``status``, find the run)."""
+    record = json.dumps(saved, indent=1).encode()
+    if not local.exists(f"{name}/{RUN_FILE}"):
+        local.write(f"{name}/{RUN_FILE}", record)
+    if remote is not None and not remote.exists(f"{name}/{RUN_FILE}"):
+        with suppress(AlreadyExists):  # written meanwhile: the same run's record
+            remote.write_new(f"{name}/{RUN_FILE}", record)
+
+
+def _merge_logs(remote: Storage, log: MetricsLog) -> None:
+    """Merge the remote copy of each log into the local one, by generation: a generation's
+    records come from the remote if it has them, else from the local file. A longer history
+    is never replaced by a shorter one, on either side (the merged file is uploaded later)."""
+    run = log.path.parent.name
+    for path in (log.path, log.lineage_path):
+        key = f"{run}/logs/{path.name}"
+        if not remote.exists(key):
+            continue
+        remote_copy = path.with_name(f".{path.name}.remote")
+        try:
+            remote_copy.write_bytes(remote.read(key))
+            theirs = read_records(remote_copy)
+        finally:
+            remote_copy.unlink(missing_ok=True)
+        ours = read_records(path) if path.exists() else []
+        have = {g for g, _ in theirs}
+        merged = sorted(theirs + [(g, line) for g, line in ours if g not in have], key=lambda r: r[0])
+        replace_lines(path, [line for _, line in merged])
 
 
 def _resumed_config(
@@ -218,11 +269,6 @@ def _read_run_file(storage: Storage, name: str) -> dict[str, Any] | None:
     return record
 
 
-def _download_logs(remote: Storage, local: LocalStorage, name: str) -> None:
-    for key in remote.list(f"{name}/logs"):
-        local.write(f"{name}/{key.rsplit('/', 1)[-1]}", remote.read(key))
-
-
 def _may_change(key: str) -> bool:
     return key in RESUME_MAY_CHANGE or key.startswith("memory.")
 
@@ -255,7 +301,12 @@ def _open_checked(run_dir: str, name: str) -> LocalStorage:
     return storage
 
 
-def _build(cfg: Config, name: str, local: LocalStorage, remote: Storage | None) -> Trainer:
+def _lease(cfg: Config, name: str, remote: Storage | None) -> Lease | None:
+    """This trainer's claim on the run at the checkpoint URI (none without one)."""
+    return None if remote is None else Lease(remote, name, cfg.run.writer_lease_s)
+
+
+def _build(cfg: Config, name: str, local: LocalStorage, remote: Storage | None, lease: Lease | None) -> Trainer:
     device = resolve_device(cfg.run.device)
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
@@ -265,6 +316,8 @@ def _build(cfg: Config, name: str, local: LocalStorage, remote: Storage | None) 
     log = MetricsLog(run_path, cfg.run.tensorboard)
     uploader = None
     if remote is not None:
+        assert lease is not None
+        lease.acquire()
         uploader = Uploader(
             local,
             remote,
@@ -273,13 +326,19 @@ def _build(cfg: Config, name: str, local: LocalStorage, remote: Storage | None) 
             keep_every=cfg.run.keep_every,
             log_files=lambda: [log.path, log.lineage_path],
             max_backoff_s=cfg.run.upload_retry_max_s,
+            lease=lease,
         )
     return Trainer(cfg, name, local, log, device, uploader)
 
 
 def _write_resolved_config(trainer: Trainer) -> None:
     """The config the run goes on with, beside its logs (after the run was set up successfully)."""
-    (trainer.log.path.parent / "config.yaml").write_text(_yaml(trainer.cfg))
+    path = trainer.log.path.parent / "config.yaml"
+    try:
+        LocalStorage(path.parent).write(path.name, _yaml(trainer.cfg).encode())
+    except StorageError:
+        trainer.close()
+        raise
 
 
 def _yaml(cfg: Config) -> str:

@@ -28,6 +28,8 @@ from training.trainer import Trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NAME = "remote"
+LEASE_S = 2.0
+"""A short claim on the run for trainers that are killed, so that the next one may take over soon."""
 
 
 def config(tiny_config: TinyConfig, backend: Backend, **extra: Any) -> Config:
@@ -61,6 +63,11 @@ def resume_from_remote_only(cfg: Config, backend: Backend, **extra: Any) -> Trai
 
 def remote(backend: Backend) -> Storage:
     return open_storage(backend.uri)
+
+
+def object_key(store: Storage, generation: int, name: str) -> str:
+    """Where a generation's object ``name`` (tensors.pt, state.json) is stored."""
+    return f"{NAME}/{ckpt.read_manifest(store, NAME, generation)['objects'][name]['key']}"
 
 
 def flip_a_byte(storage: Storage, key: str) -> None:
@@ -179,7 +186,7 @@ def test_a_damaged_newest_remote_generation_is_rejected_and_the_previous_one_res
     cfg = config(tiny_config, backend, **{"train.generations": 3})
     run_and_upload(cfg)
     store = remote(backend)
-    key = f"{ckpt.generation_prefix(NAME, 2)}/tensors.pt"
+    key = object_key(store, 2, "tensors.pt")
     if damage == "flip":
         flip_a_byte(store, key)
     elif damage == "truncate":
@@ -215,7 +222,7 @@ def test_a_checkpoint_of_another_config_is_refused(tiny_config: TinyConfig, back
     cfg = config(tiny_config, backend, **{"train.generations": 1})
     run_and_upload(cfg)
     store = remote(backend)
-    key = f"{ckpt.generation_prefix(NAME, 0)}/state.json"
+    key = object_key(store, 0, "state.json")
     state = json.loads(store.read(key))
     state["config"]["agent"]["gamma"] = 0.5  # a checkpoint whose meaning differs from its hash
     rewrite_with_manifest(store, 0, "state.json", json.dumps(state).encode())
@@ -261,9 +268,9 @@ def test_a_checkpoint_crafted_to_execute_code_is_refused(
 def rewrite_with_manifest(store: Storage, generation: int, name: str, data: bytes) -> None:
     """Replace an object and make the manifest vouch for it (someone who controls the bucket)."""
     prefix = ckpt.generation_prefix(NAME, generation)
-    store.write(f"{prefix}/{name}", data)
+    store.write(object_key(store, generation, name), data)
     manifest = json.loads(store.read(f"{prefix}/{ckpt.MANIFEST}"))
-    manifest["objects"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest["objects"][name].update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
     store.write(f"{prefix}/{ckpt.MANIFEST}", json.dumps(manifest).encode())
 
 
@@ -275,6 +282,7 @@ def _train_subprocess(run_dir: Path, uri: str, generations: int) -> subprocess.P
         *("--preset", "debug", "--run-dir", str(run_dir), "--name", NAME, "--checkpoint-uri", uri),
         *("--generations", str(generations), "--set", "run.tensorboard=false", "--set", "run.progress=false"),
         *("--set", "run.replay_shard_mb=0.001"),  # many small shards: each generation uploads dozens of objects
+        *("--set", f"run.writer_lease_s={LEASE_S}"),
     ]
     return subprocess.Popen(
         [sys.executable, "main.py", *args],
@@ -314,6 +322,7 @@ def test_sigkill_in_the_middle_of_an_upload_then_resume(backend: Backend, tmp_pa
     newest = ckpt.generations(store, NAME)[0]
     for generation in ckpt.generations(store, NAME):
         ckpt.load(store, NAME, generation)  # no half generation: every manifest verifies
+    time.sleep(LEASE_S)  # the killed trainer's claim on the run expires
 
     # A new machine resumes from the bucket alone and finishes the run.
     finished = subprocess.run(
@@ -339,3 +348,100 @@ def test_sigkill_in_the_middle_of_an_upload_then_resume(backend: Backend, tmp_pa
         assert torch.equal(a.tensors[name], b.tensors[name]), name
     assert a.blobs == b.blobs
     assert a.meta["counters"]["best_fitness"] == b.meta["counters"]["best_fitness"]
+
+
+# ---------------------------------------------------------------- issue 12: what a resume may delete, records, logs
+
+
+def test_a_damaged_local_manifest_never_costs_the_remote_generation(
+    tiny_config: TinyConfig, backend: Backend, capsys: Any
+) -> None:
+    cfg = config(tiny_config, backend, **{"train.generations": 3})
+    run_and_upload(cfg)
+    local_manifest = Path(cfg.run.run_dir) / NAME / "gen-000002" / ckpt.MANIFEST
+    local_manifest.write_bytes(local_manifest.read_bytes()[:50])  # truncated
+    with pytest.raises(UserError, match="changed config: agent.gamma"):  # a resume refused for another reason
+        runs.resume(cfg.run.run_dir, NAME, {"overrides": ["agent.gamma=0.97"]})
+    assert local_manifest.exists(), "nothing is deleted before the resume is accepted"
+    store = remote(backend)
+    assert ckpt.generations(store, NAME)[0] == 2 and ckpt.load(store, NAME, 2).meta["counters"]["generation"] == 3
+    capsys.readouterr()
+    trainer = runs.resume(cfg.run.run_dir, NAME, {"extra": {"train.generations": 4}})
+    try:
+        trainer.train()
+        assert trainer.finish_uploads(120) == ""
+    finally:
+        trainer.close()
+    out = capsys.readouterr().out
+    assert "resuming run 'remote' after generation 3" in out and "a copy of generation 3 is damaged" in out
+    assert ckpt.generations(store, NAME)[:2] == [3, 2]
+    for generation in ckpt.generations(store, NAME):
+        ckpt.load(store, NAME, generation)
+
+
+def test_a_checkpoint_uri_added_on_resume_gets_the_run_record(tiny_config: TinyConfig, backend: Backend) -> None:
+    cfg = tiny_config({**RICH, "run.name": NAME, "train.generations": 1})  # no checkpoint URI at first
+    train(cfg)
+    trainer = runs.resume(cfg.run.run_dir, NAME, {"extra": {"train.generations": 2, "run.checkpoint_uri": backend.uri}})
+    try:
+        trainer.train()
+        assert trainer.finish_uploads(120) == ""
+    finally:
+        trainer.close()
+    assert json.loads(remote(backend).read(f"{NAME}/run.json"))["config"]["run"]["name"] == NAME
+    shutil.rmtree(Path(cfg.run.run_dir) / NAME)
+    [found] = runs.list_runs(cfg.run.run_dir, backend.uri)
+    assert (found.name, found.remote) == (NAME, [1, 0])
+
+
+def test_remote_logs_are_merged_by_generation_never_replaced_by_a_shorter_history(
+    tiny_config: TinyConfig, backend: Backend, tmp_path: Path
+) -> None:
+    cfg = config(tiny_config, backend, **{"train.generations": 2})
+    run_and_upload(cfg)
+    old_folder = tmp_path / "old-machine"
+    shutil.copytree(Path(cfg.run.run_dir) / NAME, old_folder)  # machine A's folder: generations 1-2
+    resume_from_remote_only(cfg, backend, **{"train.generations": 4})  # machine B goes on to generation 4
+    shutil.rmtree(Path(cfg.run.run_dir) / NAME)
+    shutil.copytree(old_folder, Path(cfg.run.run_dir) / NAME)  # machine A comes back with its old folder
+    trainer = runs.resume(cfg.run.run_dir, NAME, {"extra": {"train.generations": 5}})
+    try:
+        trainer.train()
+        assert trainer.finish_uploads(120) == ""
+    finally:
+        trainer.close()
+    store = remote(backend)
+    for log in ("metrics.jsonl", "lineage.jsonl"):
+        lines = store.read(f"{NAME}/logs/{log}").splitlines()
+        assert sorted({json.loads(line)["generation"] for line in lines}) == [0, 1, 2, 3, 4], log
+    assert [m["generation"] for m in metrics(trainer.cfg)] == [0, 1, 2, 3, 4]
+
+
+def test_a_second_trainer_on_the_same_run_stops_before_writing_anything(
+    tiny_config: TinyConfig, backend: Backend, tmp_path: Path
+) -> None:
+    cfg = config(tiny_config, backend, **{"train.generations": 3})
+    first = runs.start(cfg)
+    try:
+        first.run_generation(0)
+        assert first.uploader is not None and first.uploader.wait(60)
+        store = remote(backend)
+        before = {key: store.read(key) for key in store.list(NAME) if not key.endswith("/WRITER")}
+        other_dir = str(tmp_path / "second-machine")
+        with pytest.raises(UserError) as resumed:  # a second machine resumes the run while it is alive
+            runs.resume(other_dir, NAME, {"extra": {"run.checkpoint_uri": backend.uri}})
+        with pytest.raises(UserError) as started:  # or starts a run of the same name
+            runs.start(config(tiny_config, backend, **{"run.run_dir": other_dir}))
+        after = {key: store.read(key) for key in store.list(NAME) if not key.endswith("/WRITER")}
+        assert after == before, "the second trainer wrote nothing"
+        assert "being written by another trainer" in str(resumed.value) and "\n" not in str(resumed.value)
+        assert "already exists" in str(started.value) and "\n" not in str(started.value)
+        for generation in (1, 2):
+            first.run_generation(generation)
+        assert first.finish_uploads(120) == ""
+    finally:
+        first.close()
+    assert ckpt.generations(store, NAME) == [2, 1, 0]
+    for generation in ckpt.generations(store, NAME):
+        ckpt.load(store, NAME, generation)  # every generation of the first trainer verifies
+    assert not store.exists(f"{NAME}/WRITER")  # released: a later resume may go on at once
