@@ -95,6 +95,26 @@ class ReplayBuffer:
         rows, cols = np.divmod(flat, self.streams)
         return {name: self.data[name][rows, cols] for name in ("obs", "action", "reward", "next_obs", "terminated")}
 
+    def sample_sequences(self, batch: int, length: int) -> dict[str, np.ndarray]:
+        """``batch`` sequences of ``length`` consecutive steps of one stream each: every field in
+        ``FIELDS`` as ``(batch, length, ...)``, drawn with the buffer's own rng.
+
+        A sequence lies within the filled rows and never spans the write cursor (it never joins the
+        newest row to the oldest); it may cross episode boundaries, which ``is_first`` marks, and its
+        first step is always marked ``is_first`` (the model starts its latent state there). The
+        arrays are fresh copies that own their memory, never views of storage.
+        """
+        if length < 1 or self.filled_rows < length:
+            raise ValueError(f"cannot sample sequences of {length} steps from {self.filled_rows} filled rows")
+        starts = self.filled_rows - length + 1
+        flat = self.rng.integers(0, starts * self.streams, size=batch)
+        start, cols = np.divmod(flat, self.streams)
+        oldest = self.cursor if self.filled_rows == self.rows else 0
+        rows = (oldest + start[:, None] + np.arange(length)[None, :]) % self.rows
+        out = {name: self.data[name][rows, cols[:, None]] for name in FIELDS}
+        out["is_first"][:, 0] = True
+        return out
+
     # ------------------------------------------------------------ checkpoint state
 
     def state(self) -> tuple[dict[str, bytes | None], dict[str, Any]]:

@@ -241,3 +241,63 @@ def test_a_buffer_larger_than_available_ram_gets_a_clear_warning() -> None:
 def test_a_small_buffer_gets_no_warning(recwarn: pytest.WarningsRecorder) -> None:
     ReplayBuffer(capacity=1000, streams=4, obs_dim=3, act_dim=1, seed=0)
     assert not [w for w in recwarn if "replay buffer needs" in str(w.message)]
+
+
+# ---------------------------------------------------------------- sequences
+
+
+def test_sequences_have_shapes_and_own_their_memory() -> None:
+    buffer = filled(30, 8)
+    seq = buffer.sample_sequences(5, 4)
+    assert sorted(seq) == sorted(FIELDS)
+    assert seq["obs"].shape == (5, 4, OBS) and seq["action"].shape == (5, 4, ACT)
+    assert seq["reward"].shape == seq["is_first"].shape == (5, 4)
+    for name, arr in seq.items():
+        assert arr.flags.owndata, name
+        assert not np.shares_memory(arr, buffer.data[name]), name
+
+
+def test_sequences_are_consecutive_steps_of_one_stream_and_never_span_the_cursor() -> None:
+    # 10 rows, 37 written: the ring wrapped three times and its cursor sits mid-buffer. Each row's
+    # value is its write step, so a sequence crossing the cursor would jump from newest to oldest.
+    for written in (7, 10, 37):
+        buffer = filled(30, written, seed=written)
+        for length in (1, 3, min(written, 10)):
+            seq = buffer.sample_sequences(200, length)
+            steps = seq["obs"][..., 0]
+            assert np.all(np.diff(steps, axis=1) == 1), (written, length)
+            assert np.all(seq["obs"][..., 1] == seq["obs"][:, :1, 1])  # one stream per sequence
+            assert steps.min() >= max(0, written - 10) and steps.max() <= written - 1  # filled rows only
+
+
+def test_sequences_cover_every_start_and_stream() -> None:
+    buffer = filled(30, 25)
+    seq = buffer.sample_sequences(2000, 4)
+    starts = {(int(s), int(c)) for s, c in zip(seq["obs"][:, 0, 0], seq["obs"][:, 0, 1], strict=True)}
+    assert starts == {(s, c) for s in range(15, 22) for c in range(STREAMS)}
+
+
+def test_sequences_mark_episode_starts_and_their_own_first_step() -> None:
+    buffer = ReplayBuffer(60, STREAMS, OBS, ACT, seed=0)
+    for value in range(20):
+        buffer.add(step(float(value), is_first=np.full(STREAMS, value % 5 == 0)))
+    seq = buffer.sample_sequences(300, 6)
+    assert np.all(seq["is_first"][:, 0])
+    steps = seq["obs"][..., 0]
+    assert np.array_equal(seq["is_first"][:, 1:], steps[:, 1:] % 5 == 0)
+    assert not buffer.data["is_first"][1].any()  # forcing the first step did not write to storage
+
+
+def test_sequences_longer_than_the_filled_rows_are_refused() -> None:
+    with pytest.raises(ValueError, match="filled rows"):
+        filled(30, 3).sample_sequences(2, 4)
+
+
+def test_sequences_use_the_buffer_rng_and_resume_exactly() -> None:
+    a, b = filled(30, 25, seed=3), filled(30, 25, seed=3)
+    blobs, meta = a.state()
+    c = ReplayBuffer(30, STREAMS, OBS, ACT, seed=99)
+    c.load_state({k: v for k, v in blobs.items() if v is not None}, json.loads(json.dumps(meta)))
+    first, second, third = a.sample_sequences(7, 5), b.sample_sequences(7, 5), c.sample_sequences(7, 5)
+    for name in FIELDS:
+        assert np.array_equal(first[name], second[name]) and np.array_equal(first[name], third[name])
