@@ -49,8 +49,8 @@ def _handle(signum: int, frame: FrameType | None) -> None:
 @contextmanager
 def stop_on_signals() -> Iterator[None]:
     """Within the block, SIGTERM and SIGINT request a stop instead of killing the process."""
+    _received.clear()  # before the handlers: a signal arriving as they are installed counts
     previous = {sig: signal.signal(sig, _handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-    _received.clear()
     try:
         yield
     finally:

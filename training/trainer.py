@@ -457,6 +457,8 @@ class Trainer:
         if self.uploader.wait(timeout_s):
             return ""
         upload = self.uploader.status()
+        if not upload.pending:  # the last one finished between the wait and this status
+            return upload.fatal
         where = self.cfg.run.checkpoint_uri
         reason = upload.fatal or upload.error or f"still uploading after {timeout_s:g}s"
         return (

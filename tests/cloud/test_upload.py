@@ -170,3 +170,22 @@ def test_close_leaves_pending_generations_local(local: LocalStorage, remote: Loc
     uploader.close()
     assert uploader.status().pending == [0]
     assert json.loads(local.read(ckpt.manifest_key(RUN, 0)))["generation"] == 0
+
+
+def test_finishing_uploads_when_the_last_one_lands_right_after_the_wait(
+    local: LocalStorage, remote: LocalStorage
+) -> None:
+    from types import SimpleNamespace
+
+    from training.trainer import Trainer
+
+    uploader = make_uploader(local, remote)
+    commit(local, uploader, 0)
+    assert uploader.wait(10)
+    waits = iter([False, False])  # pending at the first check and when the wait gave up; done just after
+    uploader.wait = lambda timeout_s: next(waits)  # type: ignore[method-assign]
+    trainer = SimpleNamespace(uploader=uploader, cfg=SimpleNamespace(run=SimpleNamespace(checkpoint_uri="x")))
+    try:
+        assert Trainer.finish_uploads(trainer, 0.1) == ""  # type: ignore[arg-type]
+    finally:
+        uploader.close()

@@ -112,3 +112,20 @@ def test_a_preempted_and_resumed_run_equals_the_uninterrupted_run(tmp_path: Path
     assert a.meta["evolution"] == b.meta["evolution"]
     assert a.meta["counters"]["env_steps"] == b.meta["counters"]["env_steps"]
     assert a.meta["counters"]["best_fitness"] == b.meta["counters"]["best_fitness"]
+
+
+def test_a_signal_arriving_while_the_handlers_are_installed_is_not_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    from training import signals
+
+    install = signal.signal
+
+    def install_then_signal(sig: int, handler: object) -> object:  # the real install, then a real SIGTERM
+        previous = install(sig, handler)  # type: ignore[arg-type]
+        if sig == signal.SIGTERM:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return previous
+
+    monkeypatch.setattr(signal, "signal", install_then_signal)
+    with signals.stop_on_signals():
+        monkeypatch.setattr(signal, "signal", install)
+        assert signals.stop_requested() == signal.SIGTERM
