@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -100,6 +101,13 @@ class LocalStorage(Storage):
                 place(tmp, path)
             except FileExistsError:  # only os.link refuses an existing name
                 raise AlreadyExists(f"{path} already exists; not overwritten") from None
+            except OSError as err:
+                if place is os.link and not path.parent.is_file():
+                    raise StorageError(
+                        f"cannot create {path}: {err.strerror or err} (create-only commits need a file system "
+                        "with hard links)"
+                    ) from None
+                raise
             _sync_dir(path.parent)
         except OSError as err:  # a full disk, a quota, a read-only mount, ...
             raise StorageError(f"cannot write to {path}: {err.strerror or err}") from None
@@ -197,13 +205,31 @@ def open_storage(uri: str, *, quick: bool = False) -> Storage:
 
 
 def check_writable(storage: Storage, key: str) -> None:
-    """Write, read back and delete a marker so a bad location fails before training starts. The
+    """Create (create-only, as a commit does), read back and delete a marker so a bad location
+    fails before training starts; warn if the location does not refuse to overwrite it. The
     marker's name is unique to the call: trainers starting together do not trip over each other."""
     marker = f"{key}/.write-check-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     try:
-        storage.write(marker, b"ok")
+        storage.write_new(marker, b"ok")
         if storage.read(marker) != b"ok":
             raise StorageError(f"storage at {key!r} did not return what was written")
+        overwrites = _overwrites(storage, marker)
         storage.delete(marker)
     except OSError as err:
         raise StorageError(f"cannot use {storage.url(key)}: {err.strerror or err}") from None
+    if overwrites:
+        print(
+            f"warning: {storage.url(key)} does not refuse to overwrite a create-only write (If-None-Match / "
+            "if_generation_match ignored): only the run's WRITER claim keeps a second trainer from replacing a commit",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _overwrites(storage: Storage, key: str) -> bool:
+    """True if a create-only write over an existing ``key`` succeeds."""
+    try:
+        storage.write_new(key, b"again")
+    except AlreadyExists:
+        return False
+    return True

@@ -234,3 +234,13 @@ def test_remote_retention_failures_are_shown_in_the_status(tmp_path: Path) -> No
     record = {"checkpoint_s": 0.1, "upload_pending": 0, "upload_lag_s": 0.0, "upload_error": status.error}
     line = _checkpoint_line(record)
     assert "up to date" not in line and "access denied" in line
+
+
+def test_the_storage_check_says_when_create_only_writes_are_not_enforced(backend: Backend, capsys: object) -> None:
+    check_writable(open_storage(backend.uri), ".evorl-check")
+    err = capsys.readouterr().err  # type: ignore[attr-defined]
+    if backend.name == "gcs":  # the emulator ignores if_generation_match (a real bucket does not)
+        assert "does not refuse to overwrite a create-only write" in err
+    else:
+        assert err == ""
+    assert open_storage(backend.uri).list(".evorl-check") == []
