@@ -177,6 +177,52 @@ class RunConfig:
 
 
 @dataclass
+class DreamerConfig:
+    enabled: bool = False
+    """Add a Dreamer world-model member (DreamerV3 recipe, ``agents/dreamer``) to the population."""
+    size: str = "tiny"
+    """Network size preset (``agents.dreamer.sizes.SIZES``): ``tiny`` fits 2 CPU cores; ``small``,
+    ``medium`` (DreamerV3 size12m), ``large`` (size50m) are for GPUs."""
+    batch_size: int = 16
+    """Sequences per world-model update."""
+    seq_len: int = 64
+    """Steps per training sequence."""
+    train_ratio: float = 512.0
+    """Replayed steps per env step: a generation gets ``env steps * train_ratio / (batch_size * seq_len)``
+    updates."""
+    model_lr: float = 1e-4
+    """Adam learning rate of the world model."""
+    actor_lr: float = 3e-5
+    """Adam learning rate of the imagination actor."""
+    critic_lr: float = 3e-5
+    """Adam learning rate of the imagination critic."""
+    model_grad_clip: float = 1000.0
+    """Global gradient-norm clip of the world model (plain clipping, not adaptive); 0 disables."""
+    ac_grad_clip: float = 100.0
+    """Global gradient-norm clip of the actor and of the critic, each; 0 disables."""
+    horizon: int = 15
+    """Imagination horizon of the actor-critic update."""
+    gamma: float = 0.997
+    """Discount in imagination (a horizon of about 333 steps)."""
+    lam: float = 0.95
+    """Lambda of the imagined lambda-returns."""
+    entropy: float = 3e-4
+    """Actor entropy bonus (on normalised returns)."""
+    return_norm_rate: float = 0.01
+    """EMA rate of the 5th/95th return percentiles that normalise advantages."""
+    slow_critic_rate: float = 0.02
+    """EMA rate of the slow critic (a regularising target of the critic)."""
+    kl_dyn: float = 0.5
+    """Weight of the dynamics KL term (trains the prior)."""
+    kl_rep: float = 0.1
+    """Weight of the representation KL term (trains the posterior)."""
+    free_bits: float = 1.0
+    """Each KL term below this many nats gives no gradient."""
+    unimix: float = 0.01
+    """Uniform mix of the categorical latents' probabilities."""
+
+
+@dataclass
 class Config:
     env: EnvConfig = field(default_factory=EnvConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
@@ -187,6 +233,7 @@ class Config:
     evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    dreamer: DreamerConfig = field(default_factory=DreamerConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -195,6 +242,8 @@ class Config:
         """Stable hash of what a checkpoint means: everything but the ``run`` and ``memory``
         sections and ``train.generations``."""
         meaning = {k: v for k, v in self.to_dict().items() if k not in ("run", "memory")}
+        if not meaning["dreamer"]["enabled"]:
+            del meaning["dreamer"]  # checkpoints from before the Dreamer member keep their hash
         del meaning["train"]["generations"]
         blob = json.dumps(meaning, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
@@ -267,6 +316,7 @@ class Config:
             f"run.checkpoint_uri must be a local path, s3://bucket/prefix or gs://bucket/prefix, "
             f"got {self.run.checkpoint_uri!r}",
         )
+        _validate_dreamer(self.dreamer)
         return self
 
 
@@ -284,6 +334,21 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
         elif a != b:
             keys.append(f"{prefix}{key}")
     return keys
+
+
+def _validate_dreamer(d: DreamerConfig) -> None:
+    from agents.dreamer.sizes import SIZES  # a leaf module: no torch, no cycle
+
+    _check(d.size in SIZES, f"dreamer.size must be one of {', '.join(SIZES)}, got {d.size!r}")
+    for name in ("batch_size", "seq_len", "horizon"):
+        _check(getattr(d, name) >= 1, f"dreamer.{name} must be >= 1")
+    for name in ("train_ratio", "model_lr", "actor_lr", "critic_lr"):
+        _check(getattr(d, name) > 0, f"dreamer.{name} must be > 0")
+    for name in ("model_grad_clip", "ac_grad_clip", "entropy", "kl_dyn", "kl_rep", "free_bits"):
+        _check(getattr(d, name) >= 0, f"dreamer.{name} must be >= 0")
+    for name in ("gamma", "lam", "return_norm_rate", "slow_critic_rate"):
+        _check(0 < getattr(d, name) <= 1, f"dreamer.{name} must be in (0, 1]")
+    _check(0 <= d.unimix < 1, "dreamer.unimix must be in [0, 1)")
 
 
 def _check(ok: bool, message: str) -> None:

@@ -1,0 +1,28 @@
+"""Size presets of the Dreamer member (``dreamer.size``), from one that fits 2 CPU cores to DreamerV3's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DreamerSize:
+    deter: int
+    """GRU deterministic state width."""
+    units: int
+    """Width of every MLP (encoder, decoder, heads, actor, critic, RSSM hidden layers)."""
+    layers: int
+    """Hidden layers of the encoder, decoder, heads, actor and critic."""
+    groups: int
+    """Categorical variables of the stochastic state."""
+    classes: int
+    """Classes per categorical variable."""
+
+
+SIZES: dict[str, DreamerSize] = {
+    "tiny": DreamerSize(deter=128, units=128, layers=1, groups=8, classes=8),  # 2 CPU cores
+    "small": DreamerSize(deter=512, units=256, layers=2, groups=16, classes=16),  # ~DreamerV3 size1m-ish, wider
+    "medium": DreamerSize(deter=2048, units=256, layers=3, groups=32, classes=16),  # DreamerV3 size12m
+    "large": DreamerSize(deter=4096, units=512, layers=3, groups=32, classes=32),  # DreamerV3 size50m
+}
+"""Presets by name; the GPU sizes follow DreamerV3's ``size12m`` and ``size50m``."""
