@@ -8,6 +8,7 @@ line built from the bucket, the key and the exception type, never from the crede
 
 from __future__ import annotations
 
+import builtins
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -108,6 +109,18 @@ class GCSStorage(Storage):
                 self.bucket, prefix=f"{base}/" if base else None, timeout=self.timeout, retry=self.retry
             )
             return sorted(blob.name[skip:] for blob in blobs if not blob.name.endswith("/"))
+
+    def folders(self, prefix: str) -> builtins.list[str]:
+        """One level below ``prefix``, from the listing's prefixes (the objects below are not listed)."""
+        base = self._name(prefix)
+        search = f"{base}/" if base else ""
+        with self._errors():
+            blobs = self.client.list_blobs(
+                self.bucket, prefix=search or None, delimiter="/", timeout=self.timeout, retry=self.retry
+            )
+            for _ in blobs.pages:  # prefixes are collected while the pages are read
+                pass
+            return sorted(name[len(search) :].rstrip("/") for name in blobs.prefixes)
 
     def delete(self, key: str) -> None:
         with self._errors(), suppress(api_exceptions.NotFound):  # deleting what is gone is fine

@@ -7,6 +7,7 @@ itself resolves it, ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` / the shared 
 
 from __future__ import annotations
 
+import builtins
 import errno
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -120,6 +121,20 @@ class S3Storage(Storage):
             for page in pages:
                 keys.extend(item["Key"][strip:] for item in page.get("Contents", []))
         return sorted(keys)
+
+    def folders(self, prefix: str) -> builtins.list[str]:
+        """One level below ``prefix``, from S3's common prefixes (the keys below are not listed)."""
+        base = self._key(prefix).rstrip("/")
+        search = f"{base}/" if base else ""
+        names: builtins.list[str] = []
+        with self._errors("list", prefix):
+            paginator = self._client.get_paginator("list_objects_v2")
+            pages = paginator.paginate(
+                Bucket=self.bucket, Prefix=search, Delimiter="/", PaginationConfig={"PageSize": self.page_size}
+            )
+            for page in pages:
+                names.extend(item["Prefix"][len(search) :].rstrip("/") for item in page.get("CommonPrefixes", []))
+        return sorted(names)
 
     def delete(self, key: str) -> None:
         with self._errors("delete", key):

@@ -6,6 +6,7 @@ or ``gs://bucket/prefix`` behind the same methods.
 
 from __future__ import annotations
 
+import builtins
 import os
 import re
 import shutil
@@ -58,6 +59,12 @@ class Storage(ABC):
     @abstractmethod
     def list(self, prefix: str) -> list[str]:
         """Every key under ``prefix`` (recursively), sorted."""
+
+    def folders(self, prefix: str) -> builtins.list[str]:
+        """Names of the folders directly below ``prefix`` (one level, not every key below), sorted."""
+        base = prefix.strip("/")
+        skip = len(base) + 1 if base else 0
+        return sorted({key[skip:].split("/")[0] for key in self.list(prefix) if "/" in key[skip:]})
 
     @abstractmethod
     def delete(self, key: str) -> None: ...
@@ -146,6 +153,12 @@ class LocalStorage(Storage):
             for p in base.rglob("*")
             if p.is_file() and ".tmp-" not in p.name and not _in_staging(p.relative_to(self.root))
         )
+
+    def folders(self, prefix: str) -> builtins.list[str]:
+        base = self._path(prefix)
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if p.is_dir() and not _in_staging(Path(p.name)))
 
     def delete(self, key: str) -> None:
         path = self._path(key)

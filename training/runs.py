@@ -252,7 +252,8 @@ def _last_checkpoint_uri(local: LocalStorage, name: str) -> str:
 
 
 def _run_names(storage: Storage) -> list[str]:
-    return sorted({key.split("/")[0] for key in storage.list("") if key.count("/") == 1 and key.endswith(RUN_FILE)})
+    """Folders at the top of ``storage`` that hold a run record (one level is listed, not every object)."""
+    return [name for name in storage.folders("") if storage.exists(f"{name}/{RUN_FILE}")]
 
 
 def _read_run_file(storage: Storage, name: str) -> dict[str, Any] | None:

@@ -244,3 +244,21 @@ def test_the_storage_check_says_when_create_only_writes_are_not_enforced(backend
     else:
         assert err == ""
     assert open_storage(backend.uri).list(".evorl-check") == []
+
+
+def test_runs_are_found_from_one_level_of_listing(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    from training.runs import _run_names
+
+    storage = open_storage(backend.uri)
+    saved(storage, 2)
+    for name in ("a", "b"):
+        storage.write(f"{name}/run.json", b"{}")
+    storage.write("c/notes.txt", b"not a run")
+    assert storage.folders("") == ["a", "b", "c", RUN]
+    assert storage.folders(RUN) == ["gen-000000", "gen-000001", "objects"]
+
+    def no_recursive_listing(prefix: str) -> list[str]:
+        raise AssertionError(f"listed every key below {prefix!r}")
+
+    monkeypatch.setattr(storage, "list", no_recursive_listing)
+    assert _run_names(storage) == ["a", "b"]
