@@ -183,15 +183,17 @@ def cli(
 def status(run_dir: str, checkpoint_uri: str) -> None:
     """List the runs in --run-dir (and at --checkpoint-uri) with their checkpointed generations."""
     with _user_errors():
+        from cloud.storage import redact
         from training.runs import list_runs
 
         found = list_runs(run_dir, checkpoint_uri)
+        where = redact(checkpoint_uri)  # no user:password@ on the screen
         if not found:
-            click.echo(f"no runs in {run_dir}" + (f" or {checkpoint_uri}" if checkpoint_uri else ""))
+            click.echo(f"no runs in {run_dir}" + (f" or {where}" if where else ""))
         for run in found:
             line = f"{run.name}  local: {_generations(run.local)}"
             if run.remote is not None:
-                line += f"  {checkpoint_uri}: {_generations(run.remote)}"
+                line += f"  {where}: {_generations(run.remote)}"
             click.echo(line)
 
 

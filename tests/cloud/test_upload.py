@@ -160,6 +160,12 @@ def test_a_damaged_local_copy_is_not_uploaded(local: LocalStorage, remote: Local
     assert ckpt.generations(remote, RUN) == []
     assert "does not match its manifest" in uploader.status().error
     uploader.close()
+    from training.report import _checkpoint_line
+
+    status = uploader.status()
+    record = {"checkpoint_s": 0.1, "upload_pending": len(status.pending), "upload_lag_s": 0.0}
+    line = _checkpoint_line({**record, "upload_error": status.error})
+    assert "up to date" not in line and "not uploaded" in line  # the skipped generation is said
 
 
 def test_close_leaves_pending_generations_local(local: LocalStorage, remote: LocalStorage) -> None:
