@@ -174,3 +174,16 @@ def test_the_package_is_math_only() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_trains_on_the_replay_sequence_sampler() -> None:
+    from training.replay import ReplayBuffer, Transitions
+
+    streams, rng = 2, np.random.default_rng(0)
+    replay = ReplayBuffer(60, streams, OBS, ACT, seed=0)
+    for t in range(40):  # wraps the ring: 30 rows
+        obs = rng.normal(size=(streams, OBS)).astype(np.float32)
+        first, no = np.full(streams, t % 7 == 0), np.zeros(streams, np.bool_)
+        replay.add(Transitions(obs, np.zeros((streams, ACT), np.float32), obs[:, 0], obs + 0.1, no, no, first))
+    metrics = make().train_step(replay.sample_sequences(4, 10))
+    assert metrics["finite"] == 1.0
