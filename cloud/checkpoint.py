@@ -1,18 +1,21 @@
 """The checkpoint format: objects first, then a manifest with the size and sha256 of each.
 
 ```
-<run>/objects/<sha256>            every object, content-addressed: a generation's tensors.pt (every
-                                  tensor, torch.save, read with weights_only=True) and state.json
-                                  (everything else, JSON), and the shared blobs (replay shards),
-                                  referenced by every generation in which they did not change
+<run>/gen-000123/tensors.pt       every tensor (torch.save, read with weights_only=True)
+<run>/gen-000123/state.json       everything else that is not bulk data (JSON)
+<run>/objects/<sha256>            shared blobs (replay shards), content-addressed, referenced by
+                                  every generation in which they did not change
 <run>/gen-000123/MANIFEST.json    written last, create-only: the commit
 <run>/LATEST                      a hint for people; never trusted over a verified manifest
 ```
 
 A generation exists only when its manifest is written and every object it lists matches it.
-Objects are keyed by their content, so a write never changes an object that a committed
-generation lists (two writers of the same generation write different keys). Manifests of the
-first layout, with ``tensors.pt`` and ``state.json`` inside ``gen-000123/``, are still read.
+That is the layout of a local run folder. A remote copy (S3, GCS, another folder via the
+uploader) stores a generation's own objects content-addressed too, in ``objects/``, and its
+manifest names their keys: no write can change an object that a committed generation lists, so
+a second writer of the same generation never corrupts the first (its manifest commit is refused).
+Wherever a manifest says an object is, ``objects/<sha256>`` is also looked at, so a copy of either
+kind fills in damaged objects of the other.
 Nothing in the format is unpickled: loading a checkpoint never executes code.
 """
 
@@ -30,7 +33,7 @@ from typing import Any
 
 import torch
 
-from cloud.storage import Storage
+from cloud.storage import LocalStorage, Storage
 from config import UserError
 
 FORMAT = "evorl-checkpoint/2"
@@ -77,9 +80,13 @@ def manifest_key(run: str, generation: int) -> str:
 
 
 def save(storage: Storage, run: str, generation: int, checkpoint: Checkpoint) -> dict[str, BlobRef]:
-    """Write new blobs and the generation's objects (all content-addressed), then the manifest
-    (the commit), then ``LATEST``. Returns every blob's reference, for the next save to reuse
-    unchanged ones."""
+    """Write new blobs and the generation's objects, then the manifest (the commit), then
+    ``LATEST``. Returns every blob's reference, for the next save to reuse unchanged ones.
+
+    In a local folder the generation's own objects go into ``gen-NNNNNN/`` together (a synced
+    temporary folder, renamed; a committed folder is never replaced); elsewhere they are
+    content-addressed in ``objects/`` like the blobs, so no write can change what a committed
+    generation lists."""
     refs = {}
     for name, blob in checkpoint.blobs.items():
         refs[name] = _write_object(storage, run, blob) if isinstance(blob, bytes) else blob
@@ -87,16 +94,42 @@ def save(storage: Storage, run: str, generation: int, checkpoint: Checkpoint) ->
         "tensors.pt": _tensor_bytes(checkpoint.tensors),
         "state.json": json.dumps(checkpoint.meta, sort_keys=True).encode(),
     }
-    own = {name: _write_object(storage, run, data) for name, data in objects.items()}
+    if isinstance(storage, LocalStorage):
+        storage.write_many(generation_prefix(run, generation), objects)
+        own = {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in objects.items()}
+    else:
+        own = {name: _write_object(storage, run, data).to_dict() for name, data in objects.items()}
     manifest = {
         "format": FORMAT,
         "generation": generation,
-        "objects": {name: ref.to_dict() for name, ref in own.items()},
+        "objects": own,
         "shared": {name: ref.to_dict() for name, ref in sorted(refs.items())},
     }
-    storage.write_new(manifest_key(run, generation), json.dumps(manifest, indent=1, sort_keys=True).encode())
+    storage.write_new(manifest_key(run, generation), encode_manifest(manifest))
     storage.write(f"{run}/LATEST", f"gen-{generation:06d}".encode())
     return refs
+
+
+def encode_manifest(manifest: dict[str, Any]) -> bytes:
+    return json.dumps(manifest, indent=1, sort_keys=True).encode()
+
+
+def content_addressed(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest with every object stored under ``objects/<sha256>`` (how a remote copy holds
+    a local generation's own objects)."""
+    own = {name: {**entry, "key": f"{OBJECTS}/{entry['sha256']}"} for name, entry in manifest["objects"].items()}
+    return {**manifest, "objects": own}
+
+
+def same_generation(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two manifests commit the same content (wherever each copy stores its objects)."""
+
+    def content(manifest: dict[str, Any]) -> tuple[Any, ...]:
+        own = {name: entry.get("sha256") for name, entry in manifest.get("objects", {}).items()}
+        shared = {name: entry.get("sha256") for name, entry in manifest.get("shared", {}).items()}
+        return manifest.get("generation"), own, shared
+
+    return content(a) == content(b)
 
 
 def _write_object(storage: Storage, run: str, data: bytes) -> BlobRef:
@@ -116,7 +149,9 @@ def load(storage: Storage, run: str, generation: int, fallbacks: Sequence[Storag
     manifest = read_manifest(storage, run, generation)
     prefix = generation_prefix(run, generation)
     data = {
-        name: _verified(storage, fallbacks, f"{run}/{key}", entry, f"{storage.url(prefix)}/{name}")
+        name: _verified(
+            storage, fallbacks, _candidates(run, generation, name, key, entry), entry, f"{storage.url(prefix)}/{name}"
+        )
         for name, key, entry in _entries(manifest, run)
     }
     try:
@@ -330,17 +365,30 @@ def _valid(entry: Any) -> bool:
     )
 
 
-def _verified(storage: Storage, fallbacks: Sequence[Storage], key: str, entry: dict[str, Any], label: str) -> bytes:
+def _candidates(run: str, generation: int, name: str, key: str, entry: dict[str, Any]) -> list[str]:
+    """Where a copy may hold an object: its key; and for a generation's own objects also both
+    places the two kinds of copy use (the generation's folder locally, ``objects/<sha256>``
+    remotely), so either kind fills in for the other."""
+    keys = [f"{run}/{key}"]
+    if not name.startswith("shared/"):
+        keys += [f"{generation_prefix(run, generation)}/{name}", f"{run}/{OBJECTS}/{entry['sha256']}"]
+    return list(dict.fromkeys(keys))
+
+
+def _verified(
+    storage: Storage, fallbacks: Sequence[Storage], keys: list[str], entry: dict[str, Any], label: str
+) -> bytes:
     """The object's bytes from the first source holding it intact; ``label`` names it in messages."""
     problem = ""
     for source in (storage, *fallbacks):
-        if not source.exists(key):
-            problem = problem or f"{label} is missing ({key.split('/', 1)[-1]})"
-            continue
-        blob = source.read(key)
-        if len(blob) == entry["size"] and hashlib.sha256(blob).hexdigest() == entry["sha256"]:
-            return blob
-        problem = problem or f"{label} does not match its manifest (size or sha256 of {key.split('/', 1)[-1]})"
+        for key in keys:
+            if not source.exists(key):
+                problem = problem or f"{label} is missing"
+                continue
+            blob = source.read(key)
+            if len(blob) == entry["size"] and hashlib.sha256(blob).hexdigest() == entry["sha256"]:
+                return blob
+            problem = problem or f"{label} does not match its manifest (size or sha256 of {key.split('/', 1)[-1]})"
     raise CheckpointError(problem)
 
 

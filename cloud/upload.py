@@ -10,6 +10,7 @@ as long as the run lives, so an outage delays uploads but never training or loca
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -174,23 +175,24 @@ class Uploader:
             manifest = ckpt.read_manifest(self.local, run, generation)  # names only what the format defines
         except ckpt.CheckpointError as err:
             raise _Skip(str(err)) from None
-        manifest_bytes = self.local.read(key)
+        remote_manifest = ckpt.content_addressed(manifest)  # no fixed key another writer could overwrite
         if self.lease is not None:
             self.lease.check()  # another trainer took the run over: write nothing more
-        if self._committed_already(key, manifest_bytes):
+        if self._committed_already(key, remote_manifest):
             return
         if self._remote_blobs is None:
             self._remote_blobs = set(self.remote.list(f"{run}/{ckpt.OBJECTS}"))
-        for object_key, entry in ckpt.manifest_objects(manifest, run):
-            if object_key in self._remote_blobs:
-                continue
-            self.remote.write(object_key, self._read_verified(object_key, entry))
-            if object_key.startswith(f"{run}/{ckpt.OBJECTS}/"):
-                self._remote_blobs.add(object_key)
+        for local_key, entry in ckpt.manifest_objects(manifest, run):
+            remote_key = f"{run}/{ckpt.OBJECTS}/{entry['sha256']}"
+            shared = local_key.startswith(f"{run}/{ckpt.OBJECTS}/")
+            if shared and remote_key in self._remote_blobs:  # a generation's own objects always go up:
+                continue  # the same bytes under the same key, repairing a damaged copy of a rerun
+            self.remote.write(remote_key, self._read_verified(local_key, entry))
+            self._remote_blobs.add(remote_key)
         for path in self.log_files():  # before the manifest: a committed generation's log lines are there
             if path.is_file():
                 self.remote.write(f"{run}/logs/{path.name}", _complete_lines(path.read_bytes()))
-        self._commit(key, manifest_bytes)
+        self._commit(key, remote_manifest)
         self.remote.write(f"{run}/LATEST", f"gen-{generation:06d}".encode())
 
     def _prune_remote(self) -> None:
@@ -211,21 +213,28 @@ class Uploader:
         with self._wake:
             self._retention_error = message
 
-    def _committed_already(self, key: str, manifest: bytes) -> bool:
-        """True if the remote holds this very manifest (a retry after a lost response); a
+    def _committed_already(self, key: str, manifest: dict[str, Any]) -> bool:
+        """True if the remote holds this generation already (a retry after a lost response); a
         different one there is another writer's generation, which nothing may overwrite."""
         if not self.remote.exists(key):
             return False
-        if self.remote.read(key) != manifest:
-            raise _conflict(self.remote.url(key))
+        self._check_same(key, manifest)
         return True
 
-    def _commit(self, key: str, manifest: bytes) -> None:
+    def _commit(self, key: str, manifest: dict[str, Any]) -> None:
         try:
-            self.remote.write_new(key, manifest)
+            self.remote.write_new(key, ckpt.encode_manifest(manifest))
         except AlreadyExists:  # a retry after a lost response, or another writer
-            if self.remote.read(key) != manifest:
-                raise _conflict(self.remote.url(key)) from None
+            self._check_same(key, manifest)
+
+    def _check_same(self, key: str, manifest: dict[str, Any]) -> None:
+        """Raise unless the remote manifest under ``key`` commits the same content."""
+        try:
+            theirs = json.loads(self.remote.read(key))
+        except ValueError:
+            theirs = {}
+        if not isinstance(theirs, dict) or not ckpt.same_generation(theirs, manifest):
+            raise _conflict(self.remote.url(key))
 
     def _read_verified(self, key: str, entry: dict[str, Any]) -> bytes:
         try:

@@ -149,7 +149,8 @@ def resume(run_dir: str, name: str, overrides: dict[str, Any], allow: Sequence[s
             f"generation {latest.generation + 1} of run {name!r} does not fit the changed config: {err}"
         ) from None
     for copy in latest.discard(name):  # accepted: rejected generations can be committed again
-        print(f"warning: removed the damaged manifest of generation {copy.generation + 1} in {copy.storage.url(name)}")
+        what = "damaged copy of the manifest of" if copy.generation == latest.generation else "manifest of rejected"
+        print(f"warning: removed the {what} generation {copy.generation + 1} in {copy.storage.url(name)}")
     _record_run(local, remote, name, saved)
     if remote is not None:
         _merge_logs(remote, trainer.log)

@@ -45,7 +45,8 @@ def object_path(storage: LocalStorage, generation: int, name: str) -> Path:
     manifest = storage.root / ckpt.manifest_key(RUN, generation)
     if name == ckpt.MANIFEST:
         return manifest
-    return storage.root / RUN / json.loads(manifest.read_text())["objects"][name]["key"]
+    entry = json.loads(manifest.read_text())["objects"][name]
+    return storage.root / RUN / entry.get("key", f"gen-{generation:06d}/{name}")
 
 
 def rewrite_manifest_entry(storage: LocalStorage, generation: int, name: str, data: bytes) -> None:
@@ -80,14 +81,12 @@ def test_save_then_load_round_trips_tensors_blobs_and_meta(storage: LocalStorage
 def test_save_writes_objects_shared_blobs_a_manifest_and_the_latest_hint(storage: LocalStorage) -> None:
     saved(storage, 2)
     prefix = f"{RUN}/gen-000001/"
-    assert [k[len(prefix) :] for k in storage.list(prefix)] == ["MANIFEST.json"]
+    assert sorted(k[len(prefix) :] for k in storage.list(prefix)) == ["MANIFEST.json", "state.json", "tensors.pt"]
     manifest = json.loads(storage.read(f"{prefix}MANIFEST.json"))
     assert manifest["format"] == ckpt.FORMAT and manifest["generation"] == 1
-    assert sorted(manifest["objects"]) == ["state.json", "tensors.pt"]
-    for entry in manifest["objects"].values():  # content-addressed: never overwritten by another writer
-        data = storage.read(f"{RUN}/{entry['key']}")
-        digest = hashlib.sha256(data).hexdigest()
-        assert entry == {"key": f"objects/{digest}", "size": len(data), "sha256": digest}
+    for name, entry in manifest["objects"].items():
+        data = storage.read(prefix + name)
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     for name, ref in manifest["shared"].items():
         data = storage.read(f"{RUN}/{ref['key']}")
         assert data == sample_checkpoint(1).blobs[name]
@@ -105,7 +104,7 @@ def test_unchanged_blobs_are_referenced_not_written_again(storage: LocalStorage)
     ckpt.save(storage, RUN, 1, second)
     assert zero.stat().st_mtime_ns == written
     assert ckpt.load(storage, RUN, 1).blobs["replay/00000"] == b"shard zero"
-    assert len(storage.list(f"{RUN}/{ckpt.OBJECTS}")) == 3 + 4  # shard zero once, shard one and 2 objects each
+    assert len(storage.list(f"{RUN}/{ckpt.OBJECTS}")) == 3  # shard zero once, shard one of each generation
 
 
 def test_a_committed_generation_is_never_overwritten(storage: LocalStorage) -> None:
@@ -285,9 +284,8 @@ def test_prune_deletes_blobs_that_no_kept_generation_references(storage: LocalSt
     assert blob_path(storage, b"shard zero").exists()
     assert not blob_path(storage, b"shard one of generation 1").exists()
     assert f"{RUN}/objects/{hashlib.sha256(b'shard one of generation 0').hexdigest()}" in deleted
-    own = [f"{RUN}/{entry['key']}" for entry in ckpt.read_manifest(storage, RUN, 2)["objects"].values()]
     assert sorted(storage.list(f"{RUN}/{ckpt.OBJECTS}")) == sorted(
-        [f"{RUN}/objects/{hashlib.sha256(b).hexdigest()}" for b in (b"shard zero", b"shard one of generation 2")] + own
+        f"{RUN}/objects/{hashlib.sha256(b).hexdigest()}" for b in (b"shard zero", b"shard one of generation 2")
     )
     assert ckpt.load(storage, RUN, 2).blobs["replay/00000"] == b"shard zero"
 

@@ -221,14 +221,16 @@ def test_checkpoints_save_and_load_through_s3(storage: S3Storage) -> None:
     assert (generation, state.meta["generation"], rejected) == (2, 2, [])
 
 
-def test_the_layout_in_s3_matches_local_storage(storage: S3Storage, tmp_path: Path) -> None:
+def test_the_layout_in_s3_is_the_local_one_with_objects_content_addressed(storage: S3Storage, tmp_path: Path) -> None:
     local = LocalStorage(tmp_path)
     for target in (storage, local):
         ckpt.save(target, RUN, 0, sample_checkpoint(0))
-    assert storage.list(RUN) == local.list(RUN)
+    manifest = ckpt.read_manifest(storage, RUN, 0)
+    own = {f"{RUN}/gen-000000/{name}": f"{RUN}/{entry['key']}" for name, entry in manifest["objects"].items()}
+    assert storage.list(RUN) == sorted(own.get(key, key) for key in local.list(RUN))
     for key in local.list(RUN):
-        if not key.endswith("tensors.pt"):  # torch.save embeds a per-call record name
-            assert storage.read(key) == local.read(key), key
+        if not key.endswith(("tensors.pt", "MANIFEST.json")):  # torch.save embeds a per-call record name
+            assert storage.read(own.get(key, key)) == local.read(key), key
 
 
 def test_a_flipped_byte_in_s3_falls_back_to_the_previous_generation(storage: S3Storage) -> None:
