@@ -17,6 +17,9 @@ import numpy as np
 
 from config import UserError
 
+DREAMER_LOSSES = ("reconstruction", "reward", "continue", "kl_dyn", "kl_rep")
+"""World-model losses the status block shows (the log holds every ``dreamer_*`` metric)."""
+
 
 class LogWriteError(UserError):
     """A log file could not be written (a full disk, a read-only mount): shown as one line."""
@@ -63,7 +66,9 @@ def status_block(record: dict[str, Any]) -> str:
         f"(average {r['generation_avg_s']:.1f}s, total {r['elapsed_s'] / 60:.1f} min)",
         f"  fitness       best {r['fitness_best']:.1f}  median {r['fitness_median']:.1f}  "
         f"worst {r['fitness_worst']:.1f}",
-        f"  elite         slot {r['elite_slot']}  lineage {r['elite_lineage']}",
+        f"  elite         slot {r['elite_slot']}  lineage {r['elite_lineage']}"
+        + ("  (the Dreamer member is better)" if r.get("dreamer_elite") else ""),
+        _dreamer_lines(r),
         _memory_line(r),
         _census_line(r),
         _checkpoint_line(r),
@@ -86,6 +91,20 @@ def status_block(record: dict[str, Any]) -> str:
             f"pinned host {r.get('cuda_pinned_host_mb', 0):,.0f} MB"
         )
     return "\n".join([line for line in lines if line])
+
+
+def _dreamer_lines(r: dict[str, Any]) -> str:
+    """The Dreamer member's fitness, rank among P + 1 and world-model losses ('' without it)."""
+    if "dreamer_fitness" not in r:
+        return ""
+    elite = "  ELITE" if r.get("dreamer_elite") else ""
+    health = "" if r.get("dreamer_finite", 1.0) else "  NON-FINITE world-model loss: fitness -inf"
+    line = (
+        f"  dreamer       fitness {r['dreamer_fitness']:.1f}  rank {r['dreamer_rank']}/{r['population'] + 1}"
+        f"{elite}  {int(r.get('dreamer_updates', 0))} model updates{health}"
+    )
+    losses = [f"{name} {r[f'dreamer_{name}']:.3g}" for name in DREAMER_LOSSES if f"dreamer_{name}" in r]
+    return line + ("\n  world model   " + "  ".join(losses) if losses else "")
 
 
 def _checkpoint_line(r: dict[str, Any]) -> str:

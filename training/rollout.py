@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -12,6 +13,17 @@ import torch
 from agents import PopulationAgent
 from training.envs import EnvPool
 from training.replay import ReplayBuffer, Transitions
+
+
+@runtime_checkable
+class StreamActor(Protocol):
+    """A member with per-stream recurrent state (the Dreamer member): it is told episode starts."""
+
+    population: int
+
+    def act_streams(self, obs: np.ndarray, is_first: np.ndarray, explore: bool) -> np.ndarray:
+        """``obs (E, obs_dim)``, ``is_first (E,)`` bool -> actions ``(E, act_dim)`` float32 in ``[-1, 1]``."""
+        ...
 
 
 @dataclass
@@ -42,7 +54,7 @@ def episode_quota(episodes: int, streams_per_member: int, members: int) -> np.nd
 
 
 def rollout(
-    agent: PopulationAgent,
+    agent: PopulationAgent | StreamActor,
     pool: EnvPool,
     replay: ReplayBuffer | None,
     seeds: np.ndarray,
@@ -66,7 +78,6 @@ def rollout(
     if (steps > 0) == bool(quota.max() > 0):
         raise ValueError("rollout needs exactly one of steps or episodes_per_stream")
     members = agent.population
-    device = next(agent.parameters()).device
     obs = pool.reset(seeds)
     is_first = np.ones(count, np.bool_)
     running = np.zeros(count, np.float64)
@@ -76,8 +87,10 @@ def rollout(
     while not done:
         if taken < random_steps:
             action = (torch.rand(count, pool.act_dim) * 2 - 1).numpy()
+        elif isinstance(agent, StreamActor):
+            action = agent.act_streams(obs, is_first, explore)
         else:
-            action = _act(agent, obs, members, explore, device)
+            action = _act(agent, obs, members, explore, next(agent.parameters()).device)
         next_obs, reward, terminated, truncated = pool.step(action)
         taken += 1
         running += reward

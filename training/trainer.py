@@ -18,6 +18,7 @@ from cloud.storage import Storage, StorageError
 from cloud.upload import Uploader
 from config import HYPERPARAMETERS, Config, UserError
 from training import oom
+from training.dreamer_member import DreamerMember
 from training.envs import EnvPool, make_env
 from training.evolution import Evolution
 from training.replay import ReplayBuffer
@@ -94,6 +95,10 @@ class Trainer:
         self.checkpoint_s = 0.0
         """Time the loop was blocked by the newest checkpoint."""
         self.evolution = Evolution(cfg.evolution, cfg.population, seed=seed + 2, evolved=evolved_hyperparameters(cfg))
+        self.dreamer = (
+            DreamerMember(cfg, self.pool.obs_dim, self.pool.act_dim, device, seed + 3) if cfg.dreamer.enabled else None
+        )
+        """The extra Dreamer member (``dreamer.enabled``): ranked with the population, never evolved."""
         self.counters = Counters()
         m = cfg.memory
         self.telemetry = TelemetryHistory()
@@ -129,7 +134,9 @@ class Trainer:
 
         self.explore(generation, bar)  # noisy actions -> replay, no graph
         stats = self.learn(bar)  # optimizer steps of K micro-batches each; floats only
+        dreamer = self.dreamer_step(bar)  # the Dreamer member's model updates from the replay; floats only
         fitness = self.evaluate(generation, bar)  # noise-free episodes -> fitness (and replay)
+        dreamer |= self.evaluate_dreamer(generation, bar)  # its own envs, the same start states; not to replay
         fitness[~np.isfinite(fitness) | stats.pop("diverged")] = -np.inf
         elite = int(np.argmax(fitness))
         elite_lineage = self.evolution.lineage(elite)  # before evolution renames replaced slots
@@ -139,7 +146,9 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-        record, warnings = self.report(generation, started, done_before, fitness, elite, elite_lineage, stats, events)
+        record, warnings = self.report(
+            generation, started, done_before, fitness, elite, elite_lineage, stats, events, dreamer
+        )
         self.save_checkpoint()
         check_stop(f"after generation {generation + 1}, which is checkpointed")
         if self.recording_cuda:
@@ -161,6 +170,7 @@ class Trainer:
         elite_lineage: str,
         stats: dict[str, Any],
         events: list[dict[str, Any]],
+        dreamer: dict[str, float] | None = None,
     ) -> tuple[dict[str, Any], list[LeakWarning]]:
         """Update counters, measure memory, ask the sentinel, then log and print the generation."""
         elapsed = time.perf_counter() - started
@@ -172,6 +182,7 @@ class Trainer:
         env_steps = self.counters.env_steps - done_before[0]
         updates = self.counters.updates - done_before[1]
         record = self._record(generation, fitness, elite, elite_lineage, elapsed, env_steps, updates, memory, warnings)
+        record |= self._dreamer_record(fitness, dreamer or {})
         self.log.write(record, {"fitness": fitness.tolist(), **stats, **self._hyperparameters()})
         self.log.write_events(events)
         print(status_block(record), flush=True)
@@ -245,6 +256,46 @@ class Trainer:
         )
         self.counters.env_steps += result.env_steps
         return result.member_fitness(self.population, quota)
+
+    def dreamer_step(self, bar: ProgressBar) -> dict[str, float]:
+        """The Dreamer member's model updates for this generation (none without the member): the
+        env steps since its last updates times ``dreamer.train_ratio``, over ``batch_size x seq_len``
+        replayed steps per update, with the fraction carried over. Floats only."""
+        if self.dreamer is None:
+            return {}
+        d = self.cfg.dreamer
+        trainable = len(self.replay) >= self.cfg.train.warmup_steps and self.replay.filled_rows >= d.seq_len
+        updates = self.dreamer.updates_due(self.counters.env_steps, trainable)
+        if updates == 0:
+            return {"dreamer_updates": 0.0}
+        return self.dreamer.train(self.replay, updates, lambda: self._safe_point(bar, "dreamer"))
+
+    def evaluate_dreamer(self, generation: int, bar: ProgressBar) -> dict[str, float]:
+        """The Dreamer member's fitness, from the start states every member of this generation
+        played (``evaluate``'s seeds); its episodes are not added to the replay."""
+        if self.dreamer is None:
+            return {}
+        seeds = self._seeds(generation, PHASE_EVALUATE, count=self.cfg.env.envs_per_member)
+        fitness, env_steps = self.dreamer.evaluate(seeds, lambda _: self._safe_point(bar, "dreamer"))
+        self.counters.env_steps += env_steps
+        return {"dreamer_fitness": fitness}
+
+    def _dreamer_record(self, fitness: np.ndarray, dreamer: dict[str, float]) -> dict[str, Any]:
+        """The Dreamer member's figures for the record: its metrics (``dreamer_*``), its fitness
+        (-inf when a model update saw a non-finite loss), its rank among P + 1 and whether it is
+        the elite."""
+        if self.dreamer is None:
+            return {}
+        out: dict[str, Any] = dict(dreamer)
+        finite = bool(dreamer.get("dreamer_finite", 1.0)) and np.isfinite(dreamer["dreamer_fitness"])
+        out["dreamer_finite"] = float(finite)
+        if not finite:
+            out["dreamer_fitness"] = float("-inf")
+        ours = out["dreamer_fitness"]
+        out["dreamer_rank"] = 1 + int(np.sum(fitness > ours)) if finite else len(fitness) + 1
+        out["dreamer_elite"] = finite and bool(np.all(ours > fitness))
+        out["dreamer_train_steps"] = self.dreamer.agent.train_steps
+        return out
 
     # ------------------------------------------------------------ helpers
 
@@ -399,10 +450,14 @@ class Trainer:
             "telemetry": self.telemetry.state(),
             "sentinel": self.sentinel.state(),
         }
+        if self.dreamer is not None:
+            dreamer_tensors, meta["dreamer"] = self.dreamer.state()
+            tensors |= dreamer_tensors
         return ckpt.Checkpoint(tensors, meta, blobs)
 
     def restore(self, state: ckpt.Checkpoint) -> None:
         meta = state.meta
+        self._restore_dreamer(state)  # first: refuses a checkpoint with(out) the member before any change
         agent_tensors = {name[len("agent.") :]: t for name, t in state.tensors.items() if name.startswith("agent.")}
         self.agent.load_member_tensors(agent_tensors)
         self.agent.load_extra_state(meta["agent"])
@@ -418,6 +473,19 @@ class Trainer:
         self.counters = Counters(**meta["counters"])
         self.telemetry.load_state(meta["telemetry"])
         self.sentinel.load_state(meta["sentinel"])
+
+    def _restore_dreamer(self, state: ckpt.Checkpoint) -> None:
+        """The Dreamer member's state, or a one-line refusal when the checkpoint was written with
+        the member and this config has none, or the reverse."""
+        saved = state.meta.get("dreamer")
+        if (saved is None) != (self.dreamer is None):
+            written = "with" if saved is not None else "without"
+            raise UserError(
+                f"the checkpoint was written {written} the Dreamer member; resume it with "
+                f"dreamer.enabled={str(saved is not None).lower()} (the member's state cannot be added or dropped)"
+            )
+        if self.dreamer is not None and saved is not None:
+            self.dreamer.load_state(state.tensors, saved)
 
     def save_checkpoint(self) -> None:
         """Commit the generation to local storage (the loop waits for this only), apply
@@ -470,4 +538,6 @@ class Trainer:
         if self.uploader is not None:
             self.uploader.close()
         self.pool.close()
+        if self.dreamer is not None:
+            self.dreamer.close()
         self.log.close()

@@ -1,0 +1,117 @@
+"""The Dreamer member in the generation loop: its model updates from the shared replay, its own
+environments, its evaluation from the population's start states, and its checkpointed state.
+
+It is an extra member ("16 + Dreamer"): ranked with the population and possibly the elite, but
+evolution never replaces it or copies it (its architecture differs from a TD3 member's), and its
+evaluation episodes are not added to the replay (the replay's ``E = P x envs_per_member`` columns
+are fixed; the Dreamer member learns from the population's data)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from agents.dreamer import ActionSpec, DreamerAgent
+from config import Config, UserError
+from training.envs import EnvPool, make_env
+from training.replay import ReplayBuffer
+from training.rollout import _one_cpu_thread, episode_quota, rollout
+
+PREFIX = "dreamer."
+"""Name prefix of the Dreamer member's tensors in a checkpoint."""
+
+
+class DreamerMember:
+    """Owns a :class:`DreamerAgent`, its ``env.envs_per_member`` environments and the train-ratio
+    carry. Acting and evaluation run under ``no_grad`` with detached filter state (``agent.act``)."""
+
+    population = 1
+    """One member, as ``training.rollout`` counts them."""
+
+    def __init__(self, cfg: Config, obs_dim: int, act_dim: int, device: torch.device, seed: int) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.agent = DreamerAgent((obs_dim,), ActionSpec("box", act_dim), cfg.dreamer, device, seed)
+        self.pool = EnvPool(lambda: make_env(cfg.env), cfg.env.envs_per_member)
+        self.carry = 0.0
+        """Fractional model updates owed (never more than one), so no generation gets a burst."""
+        self.seen_env_steps = 0
+        """The run's env-step count at the last :meth:`train`: steps after it earn updates."""
+
+    # ------------------------------------------------------------ learning
+
+    def updates_due(self, env_steps_total: int, trainable: bool) -> int:
+        """Model updates earned by the env steps since the last call: ``steps * train_ratio /
+        (batch_size * seq_len)`` plus the carried fraction. Steps taken while the replay cannot
+        give sequences (warm-up) earn nothing."""
+        d = self.cfg.dreamer
+        new_steps = env_steps_total - self.seen_env_steps
+        self.seen_env_steps = env_steps_total
+        if not trainable:
+            return 0
+        owed = self.carry + new_steps * d.train_ratio / (d.batch_size * d.seq_len)
+        updates = math.floor(owed)
+        self.carry = owed - updates
+        return updates
+
+    def train(self, replay: ReplayBuffer, updates: int, safe_point: Callable[[], None]) -> dict[str, float]:
+        """``updates`` world-model + imagination updates on ``(batch_size, seq_len, ...)`` sequences
+        from ``replay``. Returns per-metric means (floats) with ``dreamer_`` names, ``dreamer_updates``
+        and ``dreamer_finite`` (0.0 when any update saw a non-finite loss or gradient)."""
+        d = self.cfg.dreamer
+        sums: dict[str, float] = {}
+        finite = True
+        for _ in range(updates):
+            metrics = self.agent.train_step(replay.sample_sequences(d.batch_size, d.seq_len))
+            finite &= metrics.pop("finite") > 0.5
+            for name, value in metrics.items():
+                sums[name] = sums.get(name, 0.0) + value
+            safe_point()
+        out = {f"dreamer_{name}": total / updates for name, total in sums.items()}
+        return out | {"dreamer_updates": float(updates), "dreamer_finite": float(finite)}
+
+    # ------------------------------------------------------------ acting and evaluation
+
+    def act_streams(self, obs: np.ndarray, is_first: np.ndarray, explore: bool) -> np.ndarray:
+        """``obs (N, obs_dim)``, ``is_first (N,)`` -> actions ``(N, act_dim)`` float32 in ``[-1, 1]``;
+        non-finite actions (a diverged model) become neutral ones, never a crash."""
+        with torch.no_grad(), _one_cpu_thread(self.device):
+            action = self.agent.act(torch.as_tensor(obs), torch.as_tensor(is_first), explore).cpu().numpy()
+        return np.nan_to_num(action.astype(np.float32, copy=False), nan=0.0, posinf=1.0, neginf=-1.0)
+
+    def evaluate(self, seeds: np.ndarray, on_step: Callable[[int], None]) -> tuple[float, int]:
+        """Mean return of exactly ``train.eval_episodes`` noise-free episodes from the population's
+        common start ``seeds`` (one per env, ``(envs_per_member,)``); returns (fitness, env steps)."""
+        quota = episode_quota(self.cfg.train.eval_episodes, len(self.pool), 1)
+        self.agent.reset_state()
+        result = rollout(self, self.pool, None, seeds, explore=False, episodes_per_stream=quota, on_step=on_step)
+        fitness = float(result.member_fitness(1, quota)[0])
+        return (fitness if math.isfinite(fitness) else -math.inf), result.env_steps
+
+    # ------------------------------------------------------------ state
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Checkpoint tensors (``dreamer.*``: networks, optimizers, generator, filter state) and
+        JSON meta (counters and the train-ratio carry)."""
+        tensors = {f"{PREFIX}{name}": t for name, t in self.agent.state_tensors().items()}
+        meta = {"agent": self.agent.extra_state(), "carry": self.carry, "seen_env_steps": self.seen_env_steps}
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Restore :meth:`state`'s output (tensors with or without other entries)."""
+        own = {name[len(PREFIX) :]: t for name, t in tensors.items() if name.startswith(PREFIX)}
+        try:
+            self.agent.load_state_tensors(own)
+        except (KeyError, RuntimeError) as err:
+            reason = str(err).splitlines()[0]
+            raise UserError(f"the checkpoint's Dreamer member does not fit this config's dreamer.*: {reason}") from None
+        self.agent.load_extra_state(meta["agent"])
+        self.carry = float(meta["carry"])
+        self.seen_env_steps = int(meta["seen_env_steps"])
+
+    def close(self) -> None:
+        self.pool.close()
