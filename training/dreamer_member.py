@@ -9,6 +9,7 @@ are fixed; the Dreamer member learns from the population's data)."""
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -60,9 +61,10 @@ class DreamerMember:
 
     def train(self, replay: ReplayBuffer, updates: int, safe_point: Callable[[], None]) -> dict[str, float]:
         """``updates`` world-model + imagination updates on ``(batch_size, seq_len, ...)`` sequences
-        from ``replay``. Returns per-metric means (floats) with ``dreamer_`` names, ``dreamer_updates``
-        and ``dreamer_finite`` (0.0 when any update saw a non-finite loss or gradient)."""
+        from ``replay``. Returns per-metric means (floats) with ``dreamer_`` names, ``dreamer_updates``,
+        ``dreamer_train_s`` and ``dreamer_finite`` (0.0 when any update saw a non-finite loss or gradient)."""
         d = self.cfg.dreamer
+        started = time.perf_counter()
         sums: dict[str, float] = {}
         finite = True
         for _ in range(updates):
@@ -72,7 +74,8 @@ class DreamerMember:
                 sums[name] = sums.get(name, 0.0) + value
             safe_point()
         out = {f"dreamer_{name}": total / updates for name, total in sums.items()}
-        return out | {"dreamer_updates": float(updates), "dreamer_finite": float(finite)}
+        seconds = time.perf_counter() - started
+        return out | {"dreamer_updates": float(updates), "dreamer_finite": float(finite), "dreamer_train_s": seconds}
 
     # ------------------------------------------------------------ acting and evaluation
 
@@ -85,7 +88,8 @@ class DreamerMember:
 
     def evaluate(self, seeds: np.ndarray, on_step: Callable[[int], None]) -> tuple[float, int]:
         """Mean return of exactly ``train.eval_episodes`` noise-free episodes from the population's
-        common start ``seeds`` (one per env, ``(envs_per_member,)``); returns (fitness, env steps)."""
+        common start ``seeds`` (one per env, ``(envs_per_member,)``); returns (fitness, env steps).
+        Non-finite returns give -inf."""
         quota = episode_quota(self.cfg.train.eval_episodes, len(self.pool), 1)
         self.agent.reset_state()
         result = rollout(self, self.pool, None, seeds, explore=False, episodes_per_stream=quota, on_step=on_step)

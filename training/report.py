@@ -58,7 +58,7 @@ def status_block(record: dict[str, Any]) -> str:
     r = record
     lines = [
         f"== System Status == generation {r['generation'] + 1}/{r['generations']}  "
-        f"({r['env_id']}, P={r['population']})",
+        f"({r['env_id']}, P={r['population']}{' + Dreamer' if 'dreamer_fitness' in r else ''})",
         f"  env steps     {r['env_steps_total']:>12,}  ({r['env_steps_per_s']:,.0f}/s this generation)",
         f"  updates       {r['updates_total']:>12,}  ({r['updates_per_s']:,.1f} optimizer steps/s)",
         f"  replay        {r['replay_size']:>12,} / {r['replay_capacity']:,}",
@@ -101,7 +101,8 @@ def _dreamer_lines(r: dict[str, Any]) -> str:
     health = "" if r.get("dreamer_finite", 1.0) else "  NON-FINITE world-model loss: fitness -inf"
     line = (
         f"  dreamer       fitness {r['dreamer_fitness']:.1f}  rank {r['dreamer_rank']}/{r['population'] + 1}"
-        f"{elite}  {int(r.get('dreamer_updates', 0))} model updates{health}"
+        f"{elite}  {int(r.get('dreamer_updates', 0))} model updates "
+        f"({r.get('dreamer_train_s', 0.0) + r.get('dreamer_eval_s', 0.0):.1f}s){health}"
     )
     losses = [f"{name} {r[f'dreamer_{name}']:.3g}" for name in DREAMER_LOSSES if f"dreamer_{name}" in r]
     return line + ("\n  world model   " + "  ".join(losses) if losses else "")

@@ -276,9 +276,10 @@ class Trainer:
         if self.dreamer is None:
             return {}
         seeds = self._seeds(generation, PHASE_EVALUATE, count=self.cfg.env.envs_per_member)
+        started = time.perf_counter()
         fitness, env_steps = self.dreamer.evaluate(seeds, lambda _: self._safe_point(bar, "dreamer"))
         self.counters.env_steps += env_steps
-        return {"dreamer_fitness": fitness}
+        return {"dreamer_fitness": fitness, "dreamer_eval_s": time.perf_counter() - started}
 
     def _dreamer_record(self, fitness: np.ndarray, dreamer: dict[str, float]) -> dict[str, Any]:
         """The Dreamer member's figures for the record: its metrics (``dreamer_*``), its fitness

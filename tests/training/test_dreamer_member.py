@@ -50,6 +50,7 @@ def test_a_generation_with_the_dreamer_member_records_its_losses_and_fitness(
     assert 1 <= last["dreamer_rank"] <= trainer.population + 1
     out = capsys.readouterr().out
     assert f"rank {last['dreamer_rank']}/{trainer.population + 1}" in out and "kl_dyn" in out
+    assert f"P={trainer.population} + Dreamer" in out
     assert 0.0 <= trainer.dreamer.carry < 1.0
 
 
