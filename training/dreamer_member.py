@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from agents.dreamer import ActionSpec, DreamerAgent
-from config import Config, UserError
+from config import Config
 from training.envs import EnvPool, make_env
 from training.replay import ReplayBuffer
 from training.rollout import _one_cpu_thread, episode_quota, rollout
@@ -106,13 +106,15 @@ class DreamerMember:
         return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        """Restore :meth:`state`'s output (tensors with or without other entries)."""
+        """Restore :meth:`state`'s output (tensors with or without other entries); ValueError in one
+        line when the saved member's shapes differ from this one's."""
         own = {name[len(PREFIX) :]: t for name, t in tensors.items() if name.startswith(PREFIX)}
         try:
             self.agent.load_state_tensors(own)
         except (KeyError, RuntimeError) as err:
-            reason = str(err).splitlines()[0]
-            raise UserError(f"the checkpoint's Dreamer member does not fit this config's dreamer.*: {reason}") from None
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            reason = (lines[1] if len(lines) > 1 else lines[0] if lines else type(err).__name__)[:200]
+            raise ValueError(f"the checkpoint's Dreamer member does not fit dreamer.* ({reason})") from None
         self.agent.load_extra_state(meta["agent"])
         self.carry = float(meta["carry"])
         self.seen_env_steps = int(meta["seen_env_steps"])

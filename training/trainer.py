@@ -476,12 +476,13 @@ class Trainer:
         self.sentinel.load_state(meta["sentinel"])
 
     def _restore_dreamer(self, state: ckpt.Checkpoint) -> None:
-        """The Dreamer member's state, or a one-line refusal when the checkpoint was written with
-        the member and this config has none, or the reverse."""
+        """The Dreamer member's state. ValueError (one line; a resume reports it and closes the
+        trainer) when the checkpoint was written with the member and this config has none, or the
+        reverse, or the member's shapes differ."""
         saved = state.meta.get("dreamer")
         if (saved is None) != (self.dreamer is None):
             written = "with" if saved is not None else "without"
-            raise UserError(
+            raise ValueError(
                 f"the checkpoint was written {written} the Dreamer member; resume it with "
                 f"dreamer.enabled={str(saved is not None).lower()} (the member's state cannot be added or dropped)"
             )

@@ -129,3 +129,11 @@ def test_bad_dreamer_values_are_one_line_errors(tiny_config: TinyConfig, key: st
     with pytest.raises(UserError, match=message) as refused:
         tiny_config({**DREAMER, key: value})
     assert "\n" not in str(refused.value)
+
+
+def test_a_dreamer_member_of_another_size_is_refused_in_one_line(tiny_config: TinyConfig) -> None:
+    cfg = tiny_config({**DREAMER, "train.generations": 1})
+    train(cfg)
+    with pytest.raises(UserError, match=r"does not fit dreamer\.\*") as refused:
+        runs.resume(cfg.run.run_dir, cfg.run.name, {"extra": {"dreamer.size": "small"}}, allow=["dreamer.size"])
+    assert "\n" not in str(refused.value)
