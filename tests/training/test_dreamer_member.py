@@ -70,6 +70,8 @@ def test_the_dreamer_member_leaves_no_graph_at_the_generation_boundary(tiny_conf
     finally:
         trainer.close()
     assert trainer.dreamer is not None and trainer.dreamer.agent.train_steps > 0
+    cached = trainer.dreamer.agent._act_state  # the acting filter state is kept detached
+    assert cached is not None and not any(t.requires_grad for t in cached.values())
 
 
 def test_a_stopped_and_resumed_run_with_the_dreamer_member_equals_the_uninterrupted_run(
