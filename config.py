@@ -243,7 +243,7 @@ class Config:
     def hash(self) -> str:
         """Stable hash of what a checkpoint means: everything but the ``run`` and ``memory``
         sections and ``train.generations``."""
-        meaning = {k: v for k, v in self.to_dict().items() if k not in ("run", "memory")}
+        meaning = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("run", "memory")}
         if not meaning["dreamer"]["enabled"]:
             del meaning["dreamer"]  # checkpoints from before the Dreamer member keep their hash
         del meaning["train"]["generations"]

@@ -208,9 +208,12 @@ def _resumed_config(
     overrides: dict[str, Any],
     allow: Sequence[str],
 ) -> Config:
-    written_with = state.meta.get("config", saved["config"])
-    if state.meta.get("config_hash") != from_dict(written_with).hash():
+    written = from_dict(state.meta.get("config", saved["config"]))
+    if state.meta.get("config_hash") != written.hash():
         raise UserError(f"checkpoint generation {generation + 1} of run {name!r} belongs to another config")
+    # Keys added to the config since the checkpoint was written take their defaults (a run from
+    # before the Dreamer member has no ``dreamer`` section), so they do not count as changes.
+    written_with = written.to_dict()
     cfg = build_config(base=written_with, **overrides)
     changed = [k for k in changed_keys(written_with, cfg.to_dict()) if not _may_change(k) and k not in allow]
     if changed:

@@ -225,6 +225,17 @@ def test_resume_refuses_a_config_change_naming_the_key(
         runs.resume(cfg.run.run_dir, cfg.run.name, overrides)
 
 
+def test_a_run_written_before_a_config_section_existed_resumes(
+    tiny_config: TinyConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tiny_config({"train.generations": 1})
+    full = Config.to_dict
+    with monkeypatch.context() as patch:  # the checkpoint and run.json of a version without ``dreamer``
+        patch.setattr(Config, "to_dict", lambda self: {k: v for k, v in full(self).items() if k != "dreamer"})
+        train(cfg)
+    assert resume(cfg, extra={"train.generations": 2}).counters.generation == 2
+
+
 def test_resume_without_a_checkpoint_is_refused(tiny_config: TinyConfig, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="nothing to resume"):
         runs.resume(str(tmp_path / "empty"), "", {})
