@@ -77,7 +77,7 @@ def rollout(
     quota = np.broadcast_to(np.asarray(episodes_per_stream), (count,))
     if (steps > 0) == bool(quota.max() > 0):
         raise ValueError("rollout needs exactly one of steps or episodes_per_stream")
-    members = agent.population
+    act = _policy(agent, explore)
     obs = pool.reset(seeds)
     is_first = np.ones(count, np.bool_)
     running = np.zeros(count, np.float64)
@@ -85,12 +85,8 @@ def rollout(
     taken = 0
     done = False
     while not done:
-        if taken < random_steps:
-            action = (torch.rand(count, pool.act_dim) * 2 - 1).numpy()
-        elif isinstance(agent, StreamActor):
-            action = agent.act_streams(obs, is_first, explore)
-        else:
-            action = _act(agent, obs, members, explore, next(agent.parameters()).device)
+        random = taken < random_steps
+        action = (torch.rand(count, pool.act_dim) * 2 - 1).numpy() if random else act(obs, is_first)
         next_obs, reward, terminated, truncated = pool.step(action)
         taken += 1
         running += reward
@@ -107,6 +103,14 @@ def rollout(
         if on_step is not None:
             on_step(count)
     return RolloutResult(env_steps=taken * count, episode_returns=returns)
+
+
+def _policy(agent: PopulationAgent | StreamActor, explore: bool) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """``(obs (E, obs_dim), is_first (E,)) -> actions (E, act_dim)``, resolved once per rollout."""
+    if isinstance(agent, StreamActor):
+        return lambda obs, is_first: agent.act_streams(obs, is_first, explore)
+    device = next(agent.parameters()).device
+    return lambda obs, _: _act(agent, obs, agent.population, explore, device)
 
 
 def _act(agent: PopulationAgent, obs: np.ndarray, members: int, explore: bool, device: torch.device) -> np.ndarray:
