@@ -96,7 +96,7 @@ def start(cfg: Config) -> Trainer:
     for storage in (local, remote):
         if storage is not None and storage.exists(f"{name}/{RUN_FILE}"):
             raise UserError(f"run {name!r} already exists in {storage.url('')}; use --resume or another --name")
-    lease = _lease(cfg, name, remote)
+    lease = _lease(cfg, name, remote, cfg.run.checkpoint_uri)
     if lease is not None:
         lease.refuse_if_taken()
     record = json.dumps(
@@ -139,7 +139,7 @@ def resume(run_dir: str, name: str, overrides: dict[str, Any], allow: Sequence[s
     for line in latest.messages():
         print(f"warning: {line}")
     cfg = _resumed_config(name, latest.generation, latest.checkpoint, saved, overrides, allow)
-    lease = _lease(cfg, name, remote)
+    lease = _lease(cfg, name, remote, uri)
     trainer = _build(cfg, name, local, remote, lease)
     try:
         trainer.restore(latest.checkpoint)
@@ -306,9 +306,11 @@ def _open_checked(run_dir: str, name: str) -> LocalStorage:
     return storage
 
 
-def _lease(cfg: Config, name: str, remote: Storage | None) -> Lease | None:
-    """This trainer's claim on the run at the checkpoint URI (none without one)."""
-    return None if remote is None else Lease(remote, name, cfg.run.writer_lease_s)
+def _lease(cfg: Config, name: str, remote: Storage | None, uri: str) -> Lease | None:
+    """This trainer's claim on the run at the checkpoint URI ``uri`` (none without one). Its
+    requests give up within seconds: a renewal that fails is retried at the next tick, and
+    closing a run must not wait minutes on an unreachable bucket to release the claim."""
+    return None if remote is None else Lease(open_storage(uri, quick=True), name, cfg.run.writer_lease_s)
 
 
 def _build(cfg: Config, name: str, local: LocalStorage, remote: Storage | None, lease: Lease | None) -> Trainer:
