@@ -194,8 +194,7 @@ class Trainer:
         """``steps_per_generation`` rows of noisy actions in every stream -> replay. Until the replay
         holds ``warmup_steps`` transitions the actions are uniform random, step by step, and the
         phase runs at least until the warm-up is done."""
-        missing = max(0, self.cfg.train.warmup_steps - len(self.replay))
-        random_steps = -(-missing // len(self.pool))
+        random_steps = self._warmup_rows()
         steps = max(self.cfg.train.steps_per_generation, random_steps)
         if steps == 0:
             return
@@ -243,7 +242,7 @@ class Trainer:
         compares policies, not how lucky each member's start states were."""
         per_member = self.cfg.env.envs_per_member
         quota = episode_quota(self.cfg.train.eval_episodes, per_member, self.population)
-        seeds = self._seeds(generation, PHASE_EVALUATE, count=per_member)
+        seeds = self._evaluation_seeds(generation)
         replay = self.replay if self.cfg.train.eval_to_replay else None
         result = rollout(
             self.agent,
@@ -275,7 +274,7 @@ class Trainer:
         played (``evaluate``'s seeds); its episodes are not added to the replay."""
         if self.dreamer is None:
             return {}
-        seeds = self._seeds(generation, PHASE_EVALUATE, count=self.cfg.env.envs_per_member)
+        seeds = self._evaluation_seeds(generation)
         started = time.perf_counter()
         fitness, env_steps = self.dreamer.evaluate(seeds, lambda _: self._safe_point(bar, "dreamer"))
         self.counters.env_steps += env_steps
@@ -324,11 +323,20 @@ class Trainer:
         sequence = np.random.SeedSequence([self.cfg.run.seed, generation, phase])
         return sequence.generate_state(count or len(self.pool)) % 2**31
 
+    def _evaluation_seeds(self, generation: int) -> np.ndarray:
+        """One reset seed per env of a member ``(envs_per_member,)``, shared by every member
+        (the Dreamer member too): the generation's common start states."""
+        return self._seeds(generation, PHASE_EVALUATE, count=self.cfg.env.envs_per_member)
+
+    def _warmup_rows(self) -> int:
+        """Rollout steps of uniform random actions still needed to fill ``train.warmup_steps``."""
+        missing = max(0, self.cfg.train.warmup_steps - len(self.replay))
+        return -(-missing // len(self.pool))
+
     def _planned_work(self) -> int:
         """Progress-bar units: one per rollout step of all streams, one per optimizer step."""
         t = self.cfg.train
-        missing = max(0, t.warmup_steps - len(self.replay))
-        explore = max(t.steps_per_generation, -(-missing // len(self.pool)))
+        explore = max(t.steps_per_generation, self._warmup_rows())
         eval_rows = -(-t.eval_episodes // self.cfg.env.envs_per_member) * self.pool.max_episode_steps
         return explore + t.updates_per_generation + eval_rows
 
