@@ -222,6 +222,31 @@ class DreamerConfig:
     """Each KL term below this many nats gives no gradient."""
     unimix: float = 0.01
     """Uniform mix of the categorical latents' probabilities."""
+    model_rollouts: bool = False
+    """MBPO-style data for the other members: after its updates, branched model rollouts from real
+    replay states with every member's current actor go to a bounded model buffer (never the replay)."""
+    rollout_starts: int = 256
+    """Real start states per member per generation for the model rollouts."""
+    rollout_length: int = 1
+    """Steps ``k`` of each branched model rollout (MBPO: short, so model errors do not compound)."""
+    model_buffer: int = 50_000
+    """Capacity of the model buffer in transitions (oldest evicted first)."""
+    model_fraction: float = 0.5
+    """Share of every member's micro-batches drawn from the model buffer (of ``accumulation_steps``
+    per update, spread evenly over updates); the rest come from the real replay."""
+    screen: bool = False
+    """Screen members in imagination and spend real evaluation episodes only on the elites and the
+    most promising others; the rest are ranked below them in imagined order."""
+    screen_fraction: float = 0.5
+    """Share of the population evaluated for real on screened generations (rounded up to a divisor
+    of the population, elites included)."""
+    screen_horizon: int = 15
+    """Imagined steps of the screening estimate (plus the Dreamer critic's bootstrap)."""
+    screen_starts: int = 64
+    """Real start states (shared by all members) of the screening estimate."""
+    screen_check_every: int = 4
+    """Every N-th generation all members are evaluated for real and the Spearman correlation of
+    imagined vs real fitness is reported (the honest figure of the screening's quality)."""
 
 
 @dataclass
@@ -342,7 +367,17 @@ def _validate_dreamer(d: DreamerConfig) -> None:
     from agents.dreamer.sizes import SIZES  # a leaf module: no torch, no cycle
 
     _check(d.size in SIZES, f"dreamer.size must be one of {', '.join(SIZES)}, got {d.size!r}")
-    for name in ("batch_size", "seq_len", "horizon"):
+    for name in (
+        "batch_size",
+        "seq_len",
+        "horizon",
+        "rollout_starts",
+        "rollout_length",
+        "model_buffer",
+        "screen_horizon",
+        "screen_starts",
+        "screen_check_every",
+    ):
         _check(getattr(d, name) >= 1, f"dreamer.{name} must be >= 1")
     for name in ("train_ratio", "model_lr", "actor_lr", "critic_lr"):
         _check(getattr(d, name) > 0, f"dreamer.{name} must be > 0")
@@ -351,6 +386,12 @@ def _validate_dreamer(d: DreamerConfig) -> None:
     for name in ("gamma", "lam", "return_norm_rate", "slow_critic_rate"):
         _check(0 < getattr(d, name) <= 1, f"dreamer.{name} must be in (0, 1]")
     _check(0 <= d.unimix < 1, "dreamer.unimix must be in [0, 1)")
+    _check(0 <= d.model_fraction <= 1, "dreamer.model_fraction must be in [0, 1]")
+    _check(0 < d.screen_fraction <= 1, "dreamer.screen_fraction must be in (0, 1]")
+    _check(
+        d.enabled or not (d.model_rollouts or d.screen),
+        "dreamer.model_rollouts and dreamer.screen need the Dreamer member: set dreamer.enabled=true",
+    )
 
 
 def _check(ok: bool, message: str) -> None:

@@ -16,14 +16,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from agents import PopulationAgent
 from agents.dreamer import ActionSpec, DreamerAgent
 from config import Config
 from training.envs import EnvPool, make_env
+from training.model_buffer import ModelBuffer
 from training.replay import ReplayBuffer
 from training.rollout import _one_cpu_thread, episode_quota, rollout
 
 PREFIX = "dreamer."
 """Name prefix of the Dreamer member's tensors in a checkpoint."""
+MODEL_BUFFER = f"{PREFIX}model_buffer."
+"""Name prefix of the model buffer's tensors in a checkpoint."""
 
 
 class DreamerMember:
@@ -36,8 +40,12 @@ class DreamerMember:
     def __init__(self, cfg: Config, obs_dim: int, act_dim: int, device: torch.device, seed: int) -> None:
         self.cfg = cfg
         self.device = device
-        self.agent = DreamerAgent((obs_dim,), ActionSpec("box", act_dim), cfg.dreamer, device, seed)
         self.pool = EnvPool(lambda: make_env(cfg.env), cfg.env.envs_per_member)
+        self.agent = DreamerAgent((obs_dim,), ActionSpec("box", act_dim), cfg.dreamer, device, seed)
+        d = cfg.dreamer
+        self.rng = np.random.default_rng(seed)
+        """The member's own draws from the replay (the population's sampling is left unchanged)."""
+        self.model_buffer = ModelBuffer(d.model_buffer, obs_dim, act_dim, seed + 1) if d.model_rollouts else None
         self.carry = 0.0
         """Fractional model updates owed (never more than one), so no generation gets a burst."""
         self.seen_env_steps = 0
@@ -68,7 +76,7 @@ class DreamerMember:
         sums: dict[str, float] = {}
         finite = True
         for _ in range(updates):
-            metrics = self.agent.train_step(replay.sample_sequences(d.batch_size, d.seq_len))
+            metrics = self.agent.train_step(replay.sample_sequences(d.batch_size, d.seq_len, self.rng))
             finite &= metrics.pop("finite") > 0.5
             for name, value in metrics.items():
                 sums[name] = sums.get(name, 0.0) + value
@@ -76,6 +84,75 @@ class DreamerMember:
         out = {f"dreamer_{name}": total / updates for name, total in sums.items()}
         seconds = time.perf_counter() - started
         return out | {"dreamer_updates": float(updates), "dreamer_finite": float(finite), "dreamer_train_s": seconds}
+
+    # ------------------------------------------------------------ imagination for the population
+
+    def branch_rollouts(self, replay: ReplayBuffer, members: PopulationAgent) -> dict[str, float]:
+        """``rollout_starts`` real replay states per member, ``rollout_length`` model steps from each
+        with that member's actor (its exploration noise on, as when it acts for real) -> the model
+        buffer. Steps after a predicted termination and non-finite transitions are dropped."""
+        d, started = self.cfg.dreamer, time.perf_counter()
+        assert self.model_buffer is not None
+        count, starts = members.population, d.rollout_starts
+        obs = torch.as_tensor(replay.sample(count, starts, self.rng)["obs"], device=self.device).flatten(0, 1)
+
+        def policy(x: torch.Tensor) -> torch.Tensor:  # (P * S, obs_dim) -> (P * S, act_dim), member-major rows
+            return members.act(x.view(count, starts, -1), True).flatten(0, 1)
+
+        with torch.no_grad():
+            roll = self.agent.imagine_rollout(obs, policy, d.rollout_length)
+        ended_before = torch.cumsum(roll["terminated"].int(), 0) - roll["terminated"].int()
+        keep = ended_before == 0  # (k, P * S): before and at the first predicted termination
+        for name in ("obs", "next_obs", "action", "reward"):
+            values = roll[name]
+            keep &= torch.isfinite(values.view(*keep.shape, -1)).all(-1)
+        fields = {
+            name: roll[name][keep].cpu().numpy() for name in ("obs", "action", "reward", "next_obs", "terminated")
+        }
+        self.model_buffer.add(fields)
+        return {
+            "dreamer_model_added": float(keep.sum()),
+            "dreamer_model_buffer": float(len(self.model_buffer)),
+            "dreamer_rollout_s": time.perf_counter() - started,
+        }
+
+    def reward_error(self, replay: ReplayBuffer, horizons: tuple[int, ...] = (1, 5, 10, 15)) -> dict[str, float]:
+        """Imagined vs real reward, open loop: from the first state of 16 real replay sequences the
+        model is fed the real actions; ``dreamer_reward_error_h{h}`` is the mean absolute error of
+        step ``h``'s predicted reward over sequences still in their first episode at that step."""
+        length = max(horizons)
+        if replay.filled_rows < length:
+            return {}
+        seq = replay.sample_sequences(16, length, self.rng)
+        actions = torch.as_tensor(seq["action"], device=self.device).transpose(0, 1)  # (L, B, act_dim)
+        with torch.no_grad():
+            roll = self.agent.imagine_rollout(torch.as_tensor(seq["obs"][:, 0], device=self.device), actions, length)
+        predicted = roll["reward"].cpu().numpy().T  # (B, L)
+        started_new = np.cumsum(seq["is_first"][:, 1:], 1) > 0
+        ended = np.cumsum(seq["terminated"][:, :-1], 1) > 0
+        valid = np.concatenate([np.ones((len(predicted), 1), bool), ~(started_new | ended)], 1)
+        error = np.abs(predicted - seq["reward"])
+        out = {}
+        for h in horizons:
+            if valid[:, h - 1].any():
+                out[f"dreamer_reward_error_h{h}"] = float(error[valid[:, h - 1], h - 1].mean())
+        return out
+
+    def screen(self, replay: ReplayBuffer, members: PopulationAgent) -> np.ndarray:
+        """Imagined fitness ``(P,)`` of every member: the mean over ``screen_starts`` real replay
+        states (the same for every member) of ``screen_horizon`` imagined rewards plus the Dreamer
+        critic's discounted bootstrap (``DreamerAgent.imagined_return``). Non-finite gives -inf."""
+        d = self.cfg.dreamer
+        count, starts = members.population, d.screen_starts
+        obs = torch.as_tensor(replay.sample(1, starts, self.rng)["obs"][0], device=self.device).repeat(count, 1)
+
+        def policy(x: torch.Tensor) -> torch.Tensor:  # (P * S, obs_dim) -> (P * S, act_dim), member-major rows
+            return members.act(x.view(count, starts, -1), False).flatten(0, 1)
+
+        with torch.no_grad():
+            value = self.agent.imagined_return(obs, policy, d.screen_horizon).view(count, starts).mean(1)
+        fitness = value.double().cpu().numpy()
+        return np.where(np.isfinite(fitness), fitness, -np.inf)
 
     # ------------------------------------------------------------ acting and evaluation
 
@@ -103,12 +180,20 @@ class DreamerMember:
         JSON meta (counters and the train-ratio carry)."""
         tensors = {f"{PREFIX}{name}": t for name, t in self.agent.state_tensors().items()}
         meta = {"agent": self.agent.extra_state(), "carry": self.carry, "seen_env_steps": self.seen_env_steps}
+        meta["rng"] = self.rng.bit_generator.state
+        if self.model_buffer is not None:
+            buffer_tensors, meta["model_buffer"] = self.model_buffer.state()
+            tensors |= {f"{MODEL_BUFFER}{name}": t for name, t in buffer_tensors.items()}
         return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Restore :meth:`state`'s output (tensors with or without other entries); ValueError in one
         line when the saved member's shapes differ from this one's."""
-        own = {name[len(PREFIX) :]: t for name, t in tensors.items() if name.startswith(PREFIX)}
+        own = {
+            name[len(PREFIX) :]: t
+            for name, t in tensors.items()
+            if name.startswith(PREFIX) and not name.startswith(MODEL_BUFFER)
+        }
         try:
             self.agent.load_state_tensors(own)
         except (KeyError, RuntimeError) as err:
@@ -118,6 +203,21 @@ class DreamerMember:
         self.agent.load_extra_state(meta["agent"])
         self.carry = float(meta["carry"])
         self.seen_env_steps = int(meta["seen_env_steps"])
+        if "rng" in meta:  # absent in checkpoints from before the member drew with its own rng
+            self.rng.bit_generator.state = meta["rng"]
+        self._load_model_buffer(tensors, meta)
+
+    def _load_model_buffer(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        saved = meta.get("model_buffer")
+        if (saved is None) != (self.model_buffer is None):
+            written = "with" if saved is not None else "without"
+            raise ValueError(
+                f"the checkpoint was written {written} dreamer.model_rollouts; resume it with "
+                f"dreamer.model_rollouts={str(saved is not None).lower()}"
+            )
+        if self.model_buffer is not None and saved is not None:
+            own = {name[len(MODEL_BUFFER) :]: t for name, t in tensors.items() if name.startswith(MODEL_BUFFER)}
+            self.model_buffer.load_state(own, saved)
 
     def close(self) -> None:
         self.pool.close()

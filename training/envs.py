@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 import sys
@@ -140,6 +141,14 @@ class EnvPool:
             name = spec.id if spec is not None else type(self.envs[0].unwrapped).__name__
             raise UserError(f"env {name!r} returned a non-finite observation or reward (NaN or inf)")
         return next_obs, reward, terminated, truncated
+
+    def subset(self, streams: np.ndarray) -> EnvPool:
+        """A pool of the given streams' environments (the same objects, not copies), e.g. the
+        members evaluated for real on a screened generation."""
+        part = copy.copy(self)
+        part.envs = [self.envs[int(e)] for e in streams]
+        part.obs = np.zeros((len(part.envs), *self.obs.shape[1:]), self.obs.dtype)
+        return part
 
     def close(self) -> None:
         for env in self.envs:

@@ -51,6 +51,8 @@ class Evolution:
         self.next_id = population
         self.ancestry: list[list[int]] = [[] for _ in range(population)]
         self.pending: list[tuple[int, float]] = []  # (child slot, parent fitness) for the 1/5th rule
+        self.elite_slots: list[int] = []
+        """The slots the last :meth:`evolve` kept as elites (unchanged members)."""
 
     def evolve(self, agent: PopulationAgent, fitness: np.ndarray, generation: int) -> list[dict[str, Any]]:
         """Replace the worst members by mutated children of tournament winners, in place.
@@ -60,6 +62,7 @@ class Evolution:
         """
         self._adapt_mutation_scale(fitness)
         survivors, losers = self.select(fitness)
+        self.elite_slots = [s for s in survivors[: self.cfg.elites] if np.isfinite(fitness[s])]
         events = []
         for child in losers:
             parent = self._tournament(survivors, fitness)
@@ -188,6 +191,7 @@ class Evolution:
             "next_id": self.next_id,
             "ancestry": self.ancestry,
             "pending": self.pending,
+            "elite_slots": self.elite_slots,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -197,3 +201,4 @@ class Evolution:
         self.next_id = int(state["next_id"])
         self.ancestry = [[int(i) for i in a] for a in state["ancestry"]]
         self.pending = [(int(c), float(f)) for c, f in state["pending"]]
+        self.elite_slots = [int(i) for i in state.get("elite_slots", [])]  # absent before screening existed

@@ -35,6 +35,42 @@ class Transitions:
     is_first: np.ndarray
 
 
+class PackedStreams:
+    """Collects the rollout steps of ``m`` streams, ``m`` a divisor of the replay's ``E``, and writes
+    them as full rows: each stream's ``T`` steps are cut into ``E / m`` consecutive chunks, one per
+    column (column ``j * E / m + c`` holds chunk ``c`` of stream ``j``), so every column still holds
+    consecutive steps of one stream. A chunk's first step is marked ``is_first`` and its last
+    ``truncated`` (a cut: it bootstraps). ``T`` must be a multiple of ``E / m``."""
+
+    def __init__(self, replay: ReplayBuffer, streams: int) -> None:
+        if replay.streams % streams:
+            raise ValueError(f"{streams} streams do not divide the replay's {replay.streams} columns")
+        self.replay = replay
+        self.chunks = replay.streams // streams
+        self.steps: list[Transitions] = []
+
+    def add(self, step: Transitions) -> None:
+        self.steps.append(Transitions(*(np.array(getattr(step, name)) for name in FIELDS)))
+
+    def flush(self) -> int:
+        """Write the collected steps to the replay; returns the rows written."""
+        if len(self.steps) % self.chunks:
+            raise ValueError(f"{len(self.steps)} steps do not split into {self.chunks} chunks")
+        rows = len(self.steps) // self.chunks
+        packed = {}
+        for name in FIELDS:
+            steps = np.stack([getattr(s, name) for s in self.steps])  # (T, m, ...)
+            chunked = steps.reshape(self.chunks, rows, *steps.shape[1:])  # [c, r, j] = step c * rows + r of j
+            packed[name] = np.swapaxes(np.swapaxes(chunked, 0, 1), 1, 2).reshape(rows, -1, *steps.shape[2:])
+        if rows:
+            packed["is_first"][0] = True
+            packed["truncated"][-1] = True
+        for r in range(rows):
+            self.replay.add(Transitions(*(packed[name][r] for name in FIELDS)))
+        self.steps = []
+        return rows
+
+
 class ReplayBuffer:
     def __init__(
         self, capacity: int, streams: int, obs_dim: int, act_dim: int, seed: int, shard_mb: float = 16.0
@@ -84,20 +120,23 @@ class ReplayBuffer:
         self.cursor = (row + 1) % self.rows
         self.filled_rows = min(self.filled_rows + 1, self.rows)
 
-    def sample(self, members: int, batch_size: int) -> dict[str, np.ndarray]:
-        """Independent uniform draws per member: each field ``(members, batch_size, ...)``.
+    def sample(self, members: int, batch_size: int, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+        """Independent uniform draws per member: each field ``(members, batch_size, ...)``, drawn
+        with ``rng`` (default: the buffer's own, which the population's learning uses).
 
         The arrays are fresh copies (they own their memory), never views of storage.
         """
         if self.filled_rows == 0:
             raise ValueError("cannot sample from an empty replay buffer")
-        flat = self.rng.integers(0, self.filled_rows * self.streams, size=(members, batch_size))
+        flat = (rng or self.rng).integers(0, self.filled_rows * self.streams, size=(members, batch_size))
         rows, cols = np.divmod(flat, self.streams)
         return {name: self.data[name][rows, cols] for name in ("obs", "action", "reward", "next_obs", "terminated")}
 
-    def sample_sequences(self, batch: int, length: int) -> dict[str, np.ndarray]:
+    def sample_sequences(
+        self, batch: int, length: int, rng: np.random.Generator | None = None
+    ) -> dict[str, np.ndarray]:
         """``batch`` sequences of ``length`` consecutive steps of one stream each: every field in
-        ``FIELDS`` as ``(batch, length, ...)``, drawn with the buffer's own rng.
+        ``FIELDS`` as ``(batch, length, ...)``, drawn with ``rng`` (default: the buffer's own).
 
         A sequence lies within the filled rows and never spans the write cursor (it never joins the
         newest row to the oldest); it may cross episode boundaries, which ``is_first`` marks, and its
@@ -107,7 +146,7 @@ class ReplayBuffer:
         if length < 1 or self.filled_rows < length:
             raise ValueError(f"cannot sample sequences of {length} steps from {self.filled_rows} filled rows")
         starts = self.filled_rows - length + 1
-        flat = self.rng.integers(0, starts * self.streams, size=batch)
+        flat = (rng or self.rng).integers(0, starts * self.streams, size=batch)
         start, cols = np.divmod(flat, self.streams)
         oldest = self.cursor if self.filled_rows == self.rows else 0
         rows = (oldest + start[:, None] + np.arange(length)[None, :]) % self.rows

@@ -105,7 +105,24 @@ def _dreamer_lines(r: dict[str, Any]) -> str:
         f"({r.get('dreamer_train_s', 0.0) + r.get('dreamer_eval_s', 0.0):.1f}s){health}"
     )
     losses = [f"{name} {r[f'dreamer_{name}']:.3g}" for name in DREAMER_LOSSES if f"dreamer_{name}" in r]
-    return line + ("\n  world model   " + "  ".join(losses) if losses else "")
+    return line + ("\n  world model   " + "  ".join(losses) if losses else "") + _imagination_line(r)
+
+
+def _imagination_line(r: dict[str, Any]) -> str:
+    """Imagined-vs-real reward error, the model buffer, and screening ('' when none applies)."""
+    parts = [
+        f"reward err h{h} {r[f'dreamer_reward_error_h{h}']:.3g}" for h in (1, 15) if f"dreamer_reward_error_h{h}" in r
+    ]
+    if "dreamer_model_transitions" in r:
+        parts.append(
+            f"model buffer {r.get('dreamer_model_buffer', 0):,.0f} (members used {r['dreamer_model_transitions']:,})"
+        )
+    if "screen_evaluated" in r:
+        saved = r.get("screen_saved_steps", 0)
+        parts.append(f"screened: {r['screen_evaluated']}/{r['population']} played ({saved:,} env steps saved)")
+    if "screen_spearman" in r:
+        parts.append(f"imagined vs real spearman {r['screen_spearman']:.2f}")
+    return "\n  imagination   " + "  ".join(parts) if parts else ""
 
 
 def _checkpoint_line(r: dict[str, Any]) -> str:

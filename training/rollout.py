@@ -12,7 +12,7 @@ import torch
 
 from agents import PopulationAgent
 from training.envs import EnvPool
-from training.replay import ReplayBuffer, Transitions
+from training.replay import PackedStreams, ReplayBuffer, Transitions
 
 
 @runtime_checkable
@@ -53,23 +53,43 @@ def episode_quota(episodes: int, streams_per_member: int, members: int) -> np.nd
     return np.tile(one_member, members)
 
 
+class MemberSubset:
+    """Some members of a population, acting in their own streams only (``StreamActor``): the
+    members evaluated for real on a screened generation. ``members`` are sorted slots."""
+
+    def __init__(self, agent: PopulationAgent, members: list[int], streams_per_member: int) -> None:
+        self.agent, self.members, self.per_member = agent, members, streams_per_member
+        self.population = len(members)
+        self.device = next(agent.parameters()).device
+
+    def act_streams(self, obs: np.ndarray, is_first: np.ndarray, explore: bool) -> np.ndarray:
+        """``obs (m * per_member, obs_dim)`` -> actions ``(m * per_member, act_dim)``; the other
+        members act on zeros (one batched forward serves all) and their actions are dropped."""
+        full = np.zeros((self.agent.population, self.per_member, *obs.shape[1:]), obs.dtype)
+        full[self.members] = obs.reshape(len(self.members), self.per_member, *obs.shape[1:])
+        action = _act(self.agent, full.reshape(-1, *obs.shape[1:]), self.agent.population, explore, self.device)
+        return action.reshape(self.agent.population, self.per_member, -1)[self.members].reshape(len(obs), -1)
+
+
 def rollout(
     agent: PopulationAgent | StreamActor,
     pool: EnvPool,
-    replay: ReplayBuffer | None,
+    replay: ReplayBuffer | PackedStreams | None,
     seeds: np.ndarray,
     *,
     explore: bool,
     steps: int = 0,
     episodes_per_stream: int | np.ndarray = 0,
     random_steps: int = 0,
+    step_multiple: int = 1,
     on_step: Callable[[int], None] | None = None,
 ) -> RolloutResult:
     """Reset every stream with its seed, then step all streams together.
 
     Stops after ``steps`` steps, or once every stream completed its ``episodes_per_stream``
     episodes (an int, or one count per stream ``(E,)``; streams that finish early keep playing,
-    their data is not wasted). The first ``random_steps`` steps take uniform random actions.
+    their data is not wasted), after a multiple of ``step_multiple`` steps (what ``PackedStreams``
+    needs). The first ``random_steps`` steps take uniform random actions.
     Each step's transitions, ``E = P * envs_per_member`` of them, go to ``replay``; a stream
     cut by the end of the rollout is marked truncated (it bootstraps, it is not terminal).
     """
@@ -95,6 +115,7 @@ def rollout(
             returns[e].append(float(running[e]))
             running[e] = 0.0
         done = taken >= steps if steps > 0 else all(len(r) >= q for r, q in zip(returns, quota, strict=True))
+        done = done and taken % step_multiple == 0
         cut = ~ended if done else np.zeros(count, np.bool_)
         if replay is not None:
             replay.add(Transitions(obs, action, reward, next_obs, terminated, truncated | cut, is_first))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import random
 import time
 from collections import defaultdict
@@ -21,10 +22,10 @@ from training import oom
 from training.dreamer_member import DreamerMember
 from training.envs import EnvPool, make_env
 from training.evolution import Evolution
-from training.replay import ReplayBuffer
+from training.replay import PackedStreams, ReplayBuffer
 from training.report import MetricsLog, ProgressBar, status_block
-from training.rollout import episode_quota, rollout
-from training.sentinel import LeakSentinel, LeakWarning
+from training.rollout import MemberSubset, episode_quota, rollout
+from training.sentinel import LeakSentinel, LeakWarning, spearman
 from training.signals import check_stop, stop_requested
 from training.telemetry import TelemetryHistory, memory_snapshot
 
@@ -53,6 +54,8 @@ class Counters:
     """The next generation to run."""
     env_steps: int = 0
     updates: int = 0
+    model_micro_batches: int = 0
+    """Micro-batches (of every member) drawn from the model buffer."""
     elapsed_s: float = 0.0
     best_fitness: list[float] = field(default_factory=list)
     """Best fitness per finished generation."""
@@ -126,17 +129,18 @@ class Trainer:
     def run_generation(self, generation: int) -> dict[str, Any]:
         """One generation of the algorithm; returns its record (also logged and printed)."""
         started = time.perf_counter()
-        done_before = (self.counters.env_steps, self.counters.updates)
+        c = self.counters
+        done_before = (c.env_steps, c.updates, c.model_micro_batches)
         self._maybe_record_cuda_history()
         bar = ProgressBar(
             self._planned_work(), f"gen {generation + 1}/{self.cfg.train.generations}", self.cfg.run.progress
         )
 
         self.explore(generation, bar)  # noisy actions -> replay, no graph
-        stats = self.learn(bar)  # optimizer steps of K micro-batches each; floats only
-        dreamer = self.dreamer_step(bar)  # the Dreamer member's model updates from the replay; floats only
-        fitness = self.evaluate(generation, bar)  # noise-free episodes -> fitness (and replay)
-        dreamer |= self.evaluate_dreamer(generation, bar)  # its own envs, the same start states; not to replay
+        dreamer = self.dreamer_step(bar)  # world-model updates, then model rollouts for the members; floats only
+        stats = self.learn(bar)  # optimizer steps of K micro-batches each (some imagined); floats only
+        fitness, screening = self.evaluate(generation, bar)  # noise-free episodes (screened in imagination)
+        dreamer |= self.evaluate_dreamer(generation, bar) | screening  # its own envs, the same start states
         fitness[~np.isfinite(fitness) | stats.pop("diverged")] = -np.inf
         elite = int(np.argmax(fitness))
         elite_lineage = self.evolution.lineage(elite)  # before evolution renames replaced slots
@@ -164,13 +168,13 @@ class Trainer:
         self,
         generation: int,
         started: float,
-        done_before: tuple[int, int],
+        done_before: tuple[int, int, int],
         fitness: np.ndarray,
         elite: int,
         elite_lineage: str,
         stats: dict[str, Any],
         events: list[dict[str, Any]],
-        dreamer: dict[str, float] | None = None,
+        dreamer: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Any], list[LeakWarning]]:
         """Update counters, measure memory, ask the sentinel, then log and print the generation."""
         elapsed = time.perf_counter() - started
@@ -181,8 +185,11 @@ class Trainer:
         warnings = self.sentinel.observe(generation, memory, elapsed)
         env_steps = self.counters.env_steps - done_before[0]
         updates = self.counters.updates - done_before[1]
-        record = self._record(generation, fitness, elite, elite_lineage, elapsed, env_steps, updates, memory, warnings)
-        record |= self._dreamer_record(fitness, dreamer or {})
+        real = np.isin(np.arange(self.population), (dreamer or {}).get("screened_out", []), invert=True)
+        record = self._record(
+            generation, fitness, real, elite, elite_lineage, elapsed, env_steps, updates, memory, warnings
+        )
+        record |= self._dreamer_record(fitness, dreamer or {}, self.counters.model_micro_batches - done_before[2])
         self.log.write(record, {"fitness": fitness.tolist(), **stats, **self._hyperparameters()})
         self.log.write_events(events)
         print(status_block(record), flush=True)
@@ -212,13 +219,18 @@ class Trainer:
 
     def learn(self, bar: ProgressBar) -> dict[str, Any]:
         """``updates_per_generation`` optimizer steps; returns per-member means of each metric
-        (lists of P floats) and a ``diverged`` mask ``(P,)`` of members with non-finite losses."""
+        (lists of P floats) and a ``diverged`` mask ``(P,)`` of members with non-finite losses.
+        With model rollouts, ``model_micro_batches`` of an update's micro-batches come from the
+        model buffer."""
         t = self.cfg.train
         sums: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(self.population))
         counts: dict[str, int] = defaultdict(int)
         if len(self.replay) >= max(t.warmup_steps, self.cfg.agent.batch_size):
             for _ in range(t.updates_per_generation):
-                batches = [self._sample() for _ in range(t.accumulation_steps)]
+                imagined = self.model_micro_batches(self.counters.updates)
+                real = t.accumulation_steps - imagined
+                batches = [self._sample() for _ in range(real)] + [self._sample(model=True) for _ in range(imagined)]
+                self.counters.model_micro_batches += imagined
                 for name, values in self.agent.update(batches).items():
                     sums[name] += values
                     counts[name] += 1
@@ -236,25 +248,78 @@ class Trainer:
         stats["diverged"] = diverged
         return stats
 
-    def evaluate(self, generation: int, bar: ProgressBar) -> np.ndarray:
+    def evaluate(self, generation: int, bar: ProgressBar) -> tuple[np.ndarray, dict[str, Any]]:
         """Fitness ``(P,)``: mean return of exactly ``eval_episodes`` noise-free episodes per member.
         Every member starts from the same states (common random numbers), so the ranking
-        compares policies, not how lucky each member's start states were."""
-        per_member = self.cfg.env.envs_per_member
-        quota = episode_quota(self.cfg.train.eval_episodes, per_member, self.population)
-        seeds = self._evaluation_seeds(generation)
+        compares policies, not how lucky each member's start states were.
+
+        With screening (``dreamer.screen``, once the model has trained) every member's fitness is
+        first imagined; except on every ``screen_check_every``-th generation only the elites and the
+        most promising others play for real, and the rest rank below them in imagined order.
+        Returns (fitness, screening figures for the record)."""
+        imagined = self._imagined_fitness()
+        members = self._members_to_evaluate(generation, imagined)
+        real, env_steps = self._evaluate_members(generation, members, bar)
+        fitness = np.full(self.population, -np.inf)
+        fitness[members] = real
+        if imagined is None:
+            return fitness, {}
+        figures: dict[str, Any] = {"screen_evaluated": len(members)}
+        figures["screen_saved_steps"] = env_steps * (self.population - len(members)) // len(members)
+        if len(members) == self.population:
+            figures["screen_spearman"] = spearman(imagined, real)
+        else:
+            unevaluated = [s for s in np.argsort(-imagined, kind="stable") if s not in members]
+            finite = real[np.isfinite(real)]
+            floor = float(finite.min()) if finite.size else -np.inf
+            fitness[unevaluated] = floor - 1.0 - np.arange(len(unevaluated))
+        figures["screen_imagined"] = imagined.tolist()
+        figures["screened_out"] = [s for s in range(self.population) if s not in members]
+        return fitness, figures
+
+    def _imagined_fitness(self) -> np.ndarray | None:
+        """Every member's imagined fitness ``(P,)``, or None without screening or before the
+        world model's first update."""
+        if self.dreamer is None or not self.cfg.dreamer.screen or self.dreamer.agent.train_steps == 0:
+            return None
+        return self.dreamer.screen(self.replay, self.agent)
+
+    def _members_to_evaluate(self, generation: int, imagined: np.ndarray | None) -> list[int]:
+        """Sorted slots that play for real: all of them without screening and on check generations;
+        else the last evolution's elites and the best others by ``imagined``, ``m`` in all, ``m`` the
+        smallest divisor of ``P`` at or above ``screen_fraction * P`` (so the replay's rows stay full)."""
+        d, count = self.cfg.dreamer, self.population
+        if imagined is None or generation % d.screen_check_every == 0:
+            return list(range(count))
+        elites = sorted(self.evolution.elite_slots)
+        wanted = max(math.ceil(d.screen_fraction * count - 1e-9), len(elites), 1)
+        size = min(m for m in range(wanted, count + 1) if count % m == 0)
+        others = [int(s) for s in np.argsort(-imagined, kind="stable") if s not in elites]
+        return sorted(elites + others[: size - len(elites)])
+
+    def _evaluate_members(self, generation: int, members: list[int], bar: ProgressBar) -> tuple[np.ndarray, int]:
+        """Play ``members``' evaluation episodes from the generation's common start states (their
+        transitions to the replay with ``eval_to_replay``; a subset's packed into full rows).
+        Returns (their fitness ``(len(members),)``, env steps)."""
+        per_member, everyone = self.cfg.env.envs_per_member, len(members) == self.population
+        quota = episode_quota(self.cfg.train.eval_episodes, per_member, len(members))
+        streams = (np.asarray(members)[:, None] * per_member + np.arange(per_member)).ravel()
         replay = self.replay if self.cfg.train.eval_to_replay else None
+        packed = None if everyone or replay is None else PackedStreams(replay, len(streams))
         result = rollout(
-            self.agent,
-            self.pool,
-            replay,
-            np.tile(seeds, self.population),
+            self.agent if everyone else MemberSubset(self.agent, members, per_member),
+            self.pool if everyone else self.pool.subset(streams),
+            packed or replay,
+            np.tile(self._evaluation_seeds(generation), len(members)),
             explore=False,
             episodes_per_stream=quota,
+            step_multiple=packed.chunks if packed is not None else 1,
             on_step=lambda _: self._safe_point(bar, "evaluate"),
         )
+        if packed is not None:
+            packed.flush()
         self.counters.env_steps += result.env_steps
-        return result.member_fitness(self.population, quota)
+        return result.member_fitness(len(members), quota), result.env_steps
 
     def dreamer_step(self, bar: ProgressBar) -> dict[str, float]:
         """The Dreamer member's model updates for this generation (none without the member): the
@@ -267,7 +332,20 @@ class Trainer:
         updates = self.dreamer.updates_due(self.counters.env_steps, trainable)
         if updates == 0:
             return {"dreamer_updates": 0.0}
-        return self.dreamer.train(self.replay, updates, lambda: self._safe_point(bar, "dreamer"))
+        out = self.dreamer.train(self.replay, updates, lambda: self._safe_point(bar, "dreamer"))
+        out |= self.dreamer.reward_error(self.replay)
+        if d.model_rollouts and out["dreamer_finite"]:
+            out |= self.dreamer.branch_rollouts(self.replay, self.agent)
+        return out
+
+    def model_micro_batches(self, update: int) -> int:
+        """How many of update ``update``'s micro-batches come from the model buffer: ``model_fraction``
+        of ``accumulation_steps``, spread evenly over updates (0 until the buffer holds a batch)."""
+        d, k = self.cfg.dreamer, self.cfg.train.accumulation_steps
+        buffer = None if self.dreamer is None else self.dreamer.model_buffer
+        if buffer is None or len(buffer) < self.cfg.agent.batch_size:
+            return 0
+        return math.floor((update + 1) * k * d.model_fraction) - math.floor(update * k * d.model_fraction)
 
     def evaluate_dreamer(self, generation: int, bar: ProgressBar) -> dict[str, float]:
         """The Dreamer member's fitness, from the start states every member of this generation
@@ -280,13 +358,15 @@ class Trainer:
         self.counters.env_steps += env_steps
         return {"dreamer_fitness": fitness, "dreamer_eval_s": time.perf_counter() - started}
 
-    def _dreamer_record(self, fitness: np.ndarray, dreamer: dict[str, float]) -> dict[str, Any]:
-        """The Dreamer member's figures for the record: its metrics (``dreamer_*``), its fitness
-        (-inf when a model update saw a non-finite loss), its rank among P + 1 and whether it is
-        the elite."""
+    def _dreamer_record(self, fitness: np.ndarray, dreamer: dict[str, Any], model_batches: int) -> dict[str, Any]:
+        """The Dreamer member's figures for the record: its metrics (``dreamer_*``) and screening's
+        (``screen_*``), its fitness (-inf when a model update saw a non-finite loss), its rank among
+        P + 1, whether it is the elite, and the model transitions the members learned from."""
         if self.dreamer is None:
             return {}
         out: dict[str, Any] = dict(dreamer)
+        if self.dreamer.model_buffer is not None:
+            out["dreamer_model_transitions"] = model_batches * self.population * self.cfg.agent.batch_size
         finite = bool(dreamer.get("dreamer_finite", 1.0)) and np.isfinite(dreamer["dreamer_fitness"])
         out["dreamer_finite"] = float(finite)
         if not finite:
@@ -307,8 +387,11 @@ class Trainer:
             check_stop(f"during generation {done + 1} ({phase}); last complete checkpoint: {last}")
         bar.advance(1, phase)
 
-    def _sample(self) -> Batch:
-        arrays = self.replay.sample(self.population, self.cfg.agent.batch_size)
+    def _sample(self, model: bool = False) -> Batch:
+        """One micro-batch per member from the replay (or, with ``model``, the model buffer)."""
+        source = self.dreamer.model_buffer if model and self.dreamer is not None else self.replay
+        assert source is not None
+        arrays = source.sample(self.population, self.cfg.agent.batch_size)
         return Batch(
             *(
                 torch.as_tensor(arrays[name], dtype=torch.float32, device=self.device)
@@ -347,6 +430,7 @@ class Trainer:
         self,
         generation: int,
         fitness: np.ndarray,
+        real: np.ndarray,
         elite: int,
         lineage: str,
         elapsed: float,
@@ -355,7 +439,9 @@ class Trainer:
         memory: dict[str, float],
         warnings: list[LeakWarning],
     ) -> dict[str, Any]:
-        finite = fitness[np.isfinite(fitness)]
+        """The generation's record; median and worst fitness count only members evaluated for
+        real (``real (P,)`` bool: screened-out members hold placeholder ranks)."""
+        finite = fitness[real & np.isfinite(fitness)]
         c = self.counters
         return {
             "generation": generation,

@@ -7,7 +7,7 @@ import weakref
 import numpy as np
 import pytest
 
-from training.replay import FIELDS, ReplayBuffer, Transitions
+from training.replay import FIELDS, PackedStreams, ReplayBuffer, Transitions
 
 STREAMS, OBS, ACT = 3, 2, 1
 
@@ -301,3 +301,30 @@ def test_sequences_use_the_buffer_rng_and_resume_exactly() -> None:
     first, second, third = a.sample_sequences(7, 5), b.sample_sequences(7, 5), c.sample_sequences(7, 5)
     for name in FIELDS:
         assert np.array_equal(first[name], second[name]) and np.array_equal(first[name], third[name])
+
+
+# ---------------------------------------------------------------- packed streams (screened evaluation)
+
+
+def test_packed_streams_keep_each_column_one_streams_consecutive_steps() -> None:
+    replay = ReplayBuffer(100, 4, OBS, ACT, seed=0)
+    packed = PackedStreams(replay, streams=2)
+    for value in range(6):
+        packed.add(step(float(value), streams=2))
+    assert len(replay) == 0 and packed.flush() == 3 and len(replay) == 12
+    obs = replay.data["obs"][:3]  # (rows, columns, OBS): [step value, stream]
+    assert obs[:, :, 0].T.tolist() == [[0, 1, 2], [3, 4, 5], [0, 1, 2], [3, 4, 5]]
+    assert obs[:, :, 1].T.tolist() == [[0, 0, 0], [0, 0, 0], [1, 1, 1], [1, 1, 1]]
+    assert replay.data["is_first"][:3].tolist() == [[True] * 4, [False] * 4, [False] * 4]
+    assert replay.data["truncated"][:3].tolist() == [[False] * 4, [False] * 4, [True] * 4]
+    assert np.array_equal(replay.data["next_obs"][:3], obs + 0.5)  # transitions stay whole
+
+
+def test_packed_streams_refuse_what_does_not_fill_whole_rows() -> None:
+    replay = ReplayBuffer(100, 4, OBS, ACT, seed=0)
+    with pytest.raises(ValueError, match="3 streams do not divide"):
+        PackedStreams(replay, streams=3)
+    packed = PackedStreams(replay, streams=2)
+    packed.add(step(0.0, streams=2))
+    with pytest.raises(ValueError, match="1 steps do not split into 2 chunks"):
+        packed.flush()

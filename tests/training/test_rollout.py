@@ -12,7 +12,7 @@ from agents.batched import BatchedLinear
 from config import AgentConfig, EnvConfig
 from training.envs import EnvPool, make_env
 from training.replay import ReplayBuffer
-from training.rollout import RolloutResult, episode_quota, rollout
+from training.rollout import MemberSubset, RolloutResult, _act, episode_quota, rollout
 
 MEMBERS, PER_MEMBER = 2, 2
 STREAMS = MEMBERS * PER_MEMBER
@@ -192,3 +192,32 @@ def test_collection_builds_no_autograd_graph(pendulum: Any, explore: bool) -> No
     assert len(seen) >= 5 * 4
     assert [what for what, bad in seen if bad] == []
     assert not tensors_with_graph()
+
+
+def test_a_member_subset_acts_like_those_members_of_the_population(pendulum: Any) -> None:
+    agent, pool, _ = pendulum
+    members = [MEMBERS - 1]
+    streams = np.array([m * PER_MEMBER + k for m in members for k in range(PER_MEMBER)])
+    obs = pool.reset(SEEDS)
+    full = _act(agent, obs, MEMBERS, False, torch.device("cpu"))
+    subset = MemberSubset(agent, members, PER_MEMBER)
+    assert subset.population == 1
+    np.testing.assert_array_equal(subset.act_streams(obs[streams], np.ones(len(streams), bool), False), full[streams])
+
+
+def test_a_subset_pool_steps_only_its_own_environments(counter: Any) -> None:
+    agent, pool, _ = counter
+    members = [1]
+    streams = np.arange(PER_MEMBER) + PER_MEMBER
+    result = rollout(
+        MemberSubset(agent, members, PER_MEMBER),
+        pool.subset(streams),
+        None,
+        SEEDS[streams],
+        explore=False,
+        episodes_per_stream=1,
+        step_multiple=3,
+    )
+    assert result.env_steps == 6 * PER_MEMBER  # 5-step episodes, stopped at a multiple of 3
+    stepped = [env.unwrapped.total_steps for env in pool.envs]
+    assert [stepped[e] for e in streams] == [6] * PER_MEMBER and sum(stepped) == 6 * PER_MEMBER
