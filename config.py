@@ -40,8 +40,9 @@ class EnvConfig:
 
 @dataclass
 class AgentConfig:
-    algorithm: str = "td3"
-    """Actor-critic variant of every member (see ``agents.ALGORITHMS``)."""
+    algorithm: str = "auto"
+    """Actor-critic variant of every member (see ``agents.ALGORITHMS``): ``auto`` picks ``td3`` for
+    ``Box`` actions and ``sac_discrete`` (discrete soft actor-critic) for ``Discrete`` actions."""
     hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])
     """Hidden layer widths of actor and critics."""
     batch_size: int = 256
@@ -64,6 +65,13 @@ class AgentConfig:
     """Actor and target updates happen every this many critic updates."""
     max_grad_norm: float = 0.0
     """Per-member gradient norm clip; 0 disables. Never mixes members."""
+    target_entropy: float = 0.5
+    """``sac_discrete``: initial policy entropy each member's temperature is tuned to hold, as a fraction
+    of the largest, ``log(actions)`` (per member; evolution may perturb it)."""
+    initial_alpha: float = 0.2
+    """``sac_discrete``: initial entropy temperature of every member."""
+    alpha_lr: float = 3e-4
+    """``sac_discrete``: Adam learning rate of each member's log-temperature."""
 
 
 @dataclass
@@ -116,6 +124,7 @@ class EvolutionConfig:
     gamma_bounds: list[float] = field(default_factory=lambda: [0.95, 0.999])
     tau_bounds: list[float] = field(default_factory=lambda: [0.001, 0.05])
     exploration_noise_bounds: list[float] = field(default_factory=lambda: [0.02, 0.5])
+    target_entropy_bounds: list[float] = field(default_factory=lambda: [0.05, 0.95])
 
 
 @dataclass
@@ -269,6 +278,11 @@ class Config:
         """Stable hash of what a checkpoint means: everything but the ``run`` and ``memory``
         sections and ``train.generations``."""
         meaning = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("run", "memory")}
+        defaults = Config().to_dict()
+        for key in ADDED_KEYS:  # at their defaults, keys added later leave older checkpoints' hashes alone
+            section, leaf = key.split(".")
+            if meaning[section][leaf] == defaults[section][leaf]:
+                del meaning[section][leaf]
         if not meaning["dreamer"]["enabled"]:
             del meaning["dreamer"]  # checkpoints from before the Dreamer member keep their hash
         del meaning["train"]["generations"]
@@ -283,8 +297,9 @@ class Config:
         _check(e.max_episode_steps >= 0, "env.max_episode_steps must be >= 0")
         _check(bool(a.hidden_sizes) and min(a.hidden_sizes) >= 1, "agent.hidden_sizes must be positive")
         _check(a.batch_size >= 1, "agent.batch_size must be >= 1")
-        for name in ("actor_lr", "critic_lr", "tau"):
+        for name in ("actor_lr", "critic_lr", "tau", "initial_alpha", "alpha_lr"):
             _check(getattr(a, name) > 0, f"agent.{name} must be > 0")
+        _check(0 < a.target_entropy <= 1, "agent.target_entropy must be in (0, 1]")
         _check(0 < a.gamma <= 1, "agent.gamma must be in (0, 1]")
         _check(a.tau <= 1, "agent.tau must be <= 1")
         for name in ("exploration_noise", "policy_noise", "noise_clip", "max_grad_norm"):
@@ -311,7 +326,7 @@ class Config:
             len(v.perturb_factors) >= 1 and min(v.perturb_factors) > 0,
             "evolution.perturb_factors must be positive",
         )
-        for hp in HYPERPARAMETERS:
+        for hp in EVOLVABLE:
             bounds = getattr(v, f"{hp}_bounds")
             _check(
                 len(bounds) == 2 and 0 < bounds[0] <= bounds[1],
@@ -347,8 +362,13 @@ class Config:
         return self
 
 
-HYPERPARAMETERS = ("actor_lr", "critic_lr", "gamma", "tau", "exploration_noise")
-"""Per-member hyperparameters that evolution perturbs within ``evolution.<name>_bounds``."""
+EVOLVABLE = tuple(f.name[: -len("_bounds")] for f in dataclasses.fields(EvolutionConfig) if f.name.endswith("_bounds"))
+"""Every ``agent.<name>`` that has ``evolution.<name>_bounds``: an algorithm's per-member
+hyperparameters (``PopulationAgent.HYPERPARAMETERS``) are drawn from these."""
+
+ADDED_KEYS = ("agent.target_entropy", "agent.initial_alpha", "agent.alpha_lr", "evolution.target_entropy_bounds")
+"""Keys added after checkpoints were first written (with discrete actions): :meth:`Config.hash`
+leaves them out while they hold their defaults, so those checkpoints still resume."""
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -428,6 +448,20 @@ PRESETS: dict[str, dict[str, Any]] = {
             "updates_per_generation": 1000,
             "accumulation_steps": 2,
             "warmup_steps": 3_200,
+        },
+    },
+    "cartpole": {
+        # Discrete actions (agent.algorithm auto -> sac_discrete); benchmarks/learning.py --preset cartpole.
+        "env": {"id": "CartPole-v1"},
+        "population": 8,
+        "agent": {"hidden_sizes": [64, 64], "batch_size": 128, "actor_lr": 1e-3, "critic_lr": 1e-3},
+        "replay": {"capacity": 100_000},
+        "train": {
+            "generations": 40,
+            "steps_per_generation": 100,
+            "updates_per_generation": 500,
+            "accumulation_steps": 1,
+            "warmup_steps": 2_000,
         },
     },
     "halfcheetah": {

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -18,8 +18,9 @@ class Batch(NamedTuple):
     """One micro-batch per member, drawn independently from the shared replay.
 
     Shapes: ``obs``/``next_obs`` ``(P, B, obs_dim)``, ``action`` ``(P, B, act_dim)`` in
-    ``[-1, 1]``, ``reward``/``terminated`` ``(P, B)`` float. Time-limit truncations are
-    not terminal: they bootstrap like any other non-terminal step.
+    ``[-1, 1]`` (one-hot rows of width ``act_dim = n`` for ``Discrete(n)`` actions),
+    ``reward``/``terminated`` ``(P, B)`` float. Time-limit truncations are not terminal: they
+    bootstrap like any other non-terminal step.
     """
 
     obs: Tensor
@@ -37,11 +38,26 @@ class PopulationAgent(nn.Module, ABC):
     checkpoints can copy and restore members without knowing the algorithm.
     """
 
+    ACTION_KIND: ClassVar[str] = "box"
+    """The action spaces the algorithm serves: ``"box"`` (continuous, normalised to ``[-1, 1]``) or
+    ``"discrete"`` (one-hot rows)."""
+    HYPERPARAMETERS: ClassVar[tuple[str, ...]] = ()
+    """Per-member hyperparameters, each starting at ``agent.<name>`` and evolved within
+    ``evolution.<name>_bounds``; ``self.hyperparameters`` holds exactly these."""
+    EXPLORATION_ONLY: ClassVar[tuple[str, ...]] = ()
+    """Those of :attr:`HYPERPARAMETERS` that only shape exploration steps (not evolved without them)."""
+
     population: int
     hyperparameters: dict[str, Tensor]
     leaked_losses: list[Tensor] | None = None
     """Debug only (``memory.inject_leak``): when a list, updates append every loss tensor with
     its autograd graph, reproducing MEMORY.md incident 1 so the leak sentinel can be shown to work."""
+
+    @classmethod
+    def evolved_hyperparameters(cls, explores: bool) -> tuple[str, ...]:
+        """The hyperparameters evolution changes: all of them, less :attr:`EXPLORATION_ONLY` when no
+        exploration steps are taken (``explores`` False), where those have no effect."""
+        return tuple(name for name in cls.HYPERPARAMETERS if explores or name not in cls.EXPLORATION_ONLY)
 
     @abstractmethod
     def act(self, obs: Tensor, explore: bool) -> Tensor:

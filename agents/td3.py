@@ -11,11 +11,15 @@ from torch import Tensor, nn
 
 from agents.base import Batch, PopulationAgent
 from agents.batched import BatchedAdam, BatchedLinear, BatchedMLP, per_member
-from config import HYPERPARAMETERS, AgentConfig
+from config import AgentConfig
 
 
 class TD3Population(PopulationAgent):
     """``P`` TD3 members. Actions live in ``[-1, 1]``; the environment side rescales them."""
+
+    ACTION_KIND = "box"
+    HYPERPARAMETERS = ("actor_lr", "critic_lr", "gamma", "tau", "exploration_noise")
+    EXPLORATION_ONLY = ("exploration_noise",)
 
     def __init__(self, population: int, obs_dim: int, act_dim: int, cfg: AgentConfig, device: torch.device):
         super().__init__()
@@ -29,7 +33,7 @@ class TD3Population(PopulationAgent):
         self.critic1_target = _frozen_copy(self.critic1)
         self.critic2_target = _frozen_copy(self.critic2)
         self.hyperparameters = {
-            name: torch.full((population,), float(getattr(cfg, name)), device=device) for name in HYPERPARAMETERS
+            name: torch.full((population,), float(getattr(cfg, name)), device=device) for name in self.HYPERPARAMETERS
         }
         critic_params = [*self.critic1.parameters(), *self.critic2.parameters()]
         self.actor_opt = BatchedAdam(

@@ -14,7 +14,7 @@ from gymnasium.wrappers import TimeLimit
 
 from config import EnvConfig, UserError
 
-SUPPORTED = "flat Box observations (1-D vectors) and Box actions with finite bounds"
+SUPPORTED = "flat Box observations (1-D vectors); Box actions with finite bounds or Discrete actions"
 
 
 DEFAULT_EPISODE_LIMIT = 1_000
@@ -81,6 +81,8 @@ def check_spaces(env: gym.Env, env_id: str) -> None:
     obs, act = env.observation_space, env.action_space
     if not (isinstance(obs, gym.spaces.Box) and len(obs.shape) == 1):
         raise UserError(f"env {env_id!r} has observation space {obs}; supported: {SUPPORTED}")
+    if isinstance(act, gym.spaces.Discrete):
+        return
     if not (isinstance(act, gym.spaces.Box) and len(act.shape) == 1):
         raise UserError(f"env {env_id!r} has action space {act}; supported: {SUPPORTED}")
     if not (np.all(np.isfinite(act.low)) and np.all(np.isfinite(act.high))):
@@ -90,18 +92,26 @@ def check_spaces(env: gym.Env, env_id: str) -> None:
 class EnvPool:
     """``E`` environments stepped in lockstep, auto-resetting finished episodes.
 
-    Actions come in normalised to ``[-1, 1]`` and are rescaled to each env's bounds.
-    Stream ``e`` belongs to member ``e // envs_per_member``.
+    ``Box`` actions come in normalised to ``[-1, 1]`` and are rescaled to each env's bounds;
+    ``Discrete(n)`` actions come in as rows of width ``n`` whose largest entry is the choice
+    (one-hot rows, as agents and the replay hold them). Stream ``e`` belongs to member
+    ``e // envs_per_member``.
     """
 
     def __init__(self, make: Callable[[], gym.Env], count: int) -> None:
         self.envs = [make() for _ in range(count)]
         space = self.envs[0].action_space
-        assert isinstance(space, gym.spaces.Box)
-        self.low = space.low.astype(np.float32)
-        self.high = space.high.astype(np.float32)
+        self.action_kind = "discrete" if isinstance(space, gym.spaces.Discrete) else "box"
+        """``"box"`` or ``"discrete"``: what ``agents.make_population`` builds members for."""
+        if isinstance(space, gym.spaces.Discrete):
+            self.act_dim = int(space.n)
+            self.first_action = int(space.start)
+        else:
+            assert isinstance(space, gym.spaces.Box)
+            self.low = space.low.astype(np.float32)
+            self.high = space.high.astype(np.float32)
+            self.act_dim = int(space.shape[0])
         self.obs_dim = int(self.envs[0].observation_space.shape[0])  # type: ignore[index]
-        self.act_dim = int(space.shape[0])
         self.max_episode_steps = episode_limit(self.envs[0]) or DEFAULT_EPISODE_LIMIT
         """Steps after which an episode is cut (every env is built the same way)."""
         self.obs = np.zeros((count, self.obs_dim), np.float32)
@@ -116,8 +126,24 @@ class EnvPool:
             self.obs[e] = obs
         return self.obs.copy()
 
+    def canonical(self, actions: np.ndarray) -> np.ndarray:
+        """Actions ``(E, act_dim)`` as stored in the replay: ``Box`` actions unchanged (the same
+        array); for ``Discrete`` the one-hot row of each row's largest entry (so uniform random rows
+        become uniformly random choices)."""
+        if self.action_kind == "box":
+            return actions
+        return np.eye(self.act_dim, dtype=np.float32)[actions.argmax(-1)]
+
+    def env_actions(self, actions: np.ndarray) -> np.ndarray:
+        """What each env's ``step`` gets for actions ``(E, act_dim)``: ``Box`` rows rescaled to the
+        bounds ``(E, act_dim)``, ``Discrete`` rows as integer choices ``(E,)``."""
+        if self.action_kind == "discrete":
+            return actions.argmax(-1) + self.first_action
+        # Rescaling can land one float32 ulp outside the box; an env checking contains() must not fail.
+        return np.clip(self.low + (actions + 1.0) * 0.5 * (self.high - self.low), self.low, self.high)
+
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Step all envs with normalised actions ``(E, act_dim)``.
+        """Step all envs with normalised (``Box``) or one-hot (``Discrete``) actions ``(E, act_dim)``.
 
         Returns ``(next_obs, reward, terminated, truncated)``, each with leading ``E``;
         ``next_obs`` is the true successor (before any auto-reset). ``self.obs`` then holds
@@ -128,8 +154,7 @@ class EnvPool:
         reward = np.zeros(count, np.float32)
         terminated = np.zeros(count, np.bool_)
         truncated = np.zeros(count, np.bool_)
-        # Rescaling can land one float32 ulp outside the box; an env checking contains() must not fail.
-        scaled = np.clip(self.low + (actions + 1.0) * 0.5 * (self.high - self.low), self.low, self.high)
+        scaled = self.env_actions(actions)
         for e, env in enumerate(self.envs):
             obs, r, term, trunc, _ = env.step(scaled[e])
             next_obs[e], reward[e], terminated[e], truncated[e] = obs, r, term, trunc

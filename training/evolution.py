@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from agents import PopulationAgent
-from config import HYPERPARAMETERS, EvolutionConfig
+from config import EvolutionConfig
 
 ANCESTRY_KEPT = 5
 """Ancestor ids remembered per member (bounded, so memory stays flat over long runs)."""
@@ -38,10 +38,11 @@ def from_search(name: str, value: float) -> float:
 
 class Evolution:
     def __init__(
-        self, cfg: EvolutionConfig, population: int, seed: int, evolved: tuple[str, ...] = HYPERPARAMETERS
+        self, cfg: EvolutionConfig, population: int, seed: int, evolved: tuple[str, ...] | None = None
     ) -> None:
-        """``evolved`` names the hyperparameters children perturb or resample; the others are
-        inherited from the parent unchanged."""
+        """``evolved`` names the hyperparameters children perturb or resample (default: every one in
+        ``agent.hyperparameters``, e.g. from ``PopulationAgent.evolved_hyperparameters``); the others
+        are inherited from the parent unchanged. Each needs ``cfg.<name>_bounds``."""
         self.cfg = cfg
         self.evolved = evolved
         self.population = population
@@ -130,7 +131,7 @@ class Evolution:
         """Perturb (multiply by one of ``perturb_factors``) or resample (log-uniform within bounds)
         every hyperparameter, in its search space (see :func:`to_search`), then clip to bounds."""
         perturb = self.rng.random() < self.cfg.perturb_prob
-        for name in self.evolved:
+        for name in agent.hyperparameters if self.evolved is None else self.evolved:
             low, high = sorted(to_search(name, b) for b in getattr(self.cfg, f"{name}_bounds"))
             value = to_search(name, float(agent.hyperparameters[name][child]))
             if perturb:
@@ -174,7 +175,7 @@ class Evolution:
             "second_parent": None if second is None else self.member_ids[second],
             "mutation_scale": self.mutation_scale,
             "hyperparameters": change,
-            **{name: float(agent.hyperparameters[name][child]) for name in HYPERPARAMETERS},
+            **{name: float(hp[child]) for name, hp in agent.hyperparameters.items()},
         }
 
     def lineage(self, slot: int) -> str:

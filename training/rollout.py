@@ -22,7 +22,8 @@ class StreamActor(Protocol):
     population: int
 
     def act_streams(self, obs: np.ndarray, is_first: np.ndarray, explore: bool) -> np.ndarray:
-        """``obs (E, obs_dim)``, ``is_first (E,)`` bool -> actions ``(E, act_dim)`` float32 in ``[-1, 1]``."""
+        """``obs (E, obs_dim)``, ``is_first (E,)`` bool -> actions ``(E, act_dim)`` float32 in ``[-1, 1]``
+        (one-hot rows for ``Discrete`` actions)."""
         ...
 
 
@@ -107,6 +108,7 @@ def rollout(
     while not done:
         random = taken < random_steps
         action = (torch.rand(count, pool.act_dim) * 2 - 1).numpy() if random else act(obs, is_first)
+        action = pool.canonical(action)  # Discrete: one-hot rows (a random row becomes a random choice)
         next_obs, reward, terminated, truncated = pool.step(action)
         taken += 1
         running += reward

@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from agents import Batch, make_population
+from agents import Batch, PopulationAgent, make_population
 from cloud import checkpoint as ckpt
 from cloud.storage import Storage, StorageError
 from cloud.upload import Uploader
-from config import HYPERPARAMETERS, Config, UserError
+from config import Config, UserError
 from training import oom
 from training.dreamer_member import DreamerMember
 from training.envs import EnvPool, make_env
@@ -32,12 +32,10 @@ from training.telemetry import TelemetryHistory, memory_snapshot
 PHASE_EXPLORE, PHASE_EVALUATE = 0, 1
 
 
-def evolved_hyperparameters(cfg: Config) -> tuple[str, ...]:
-    """The hyperparameters evolution changes: all of them, except the exploration noise when no
-    noisy exploration steps are taken (``train.steps_per_generation`` 0), where it has no effect."""
-    if cfg.train.steps_per_generation > 0:
-        return HYPERPARAMETERS
-    return tuple(name for name in HYPERPARAMETERS if name != "exploration_noise")
+def evolved_hyperparameters(cfg: Config, agent: type[PopulationAgent]) -> tuple[str, ...]:
+    """The hyperparameters evolution changes: the algorithm's own, less those that only shape
+    exploration (TD3's noise) when no exploration steps are taken (``train.steps_per_generation`` 0)."""
+    return agent.evolved_hyperparameters(explores=cfg.train.steps_per_generation > 0)
 
 
 class TrainingDiverged(UserError):
@@ -84,7 +82,8 @@ class Trainer:
         torch.manual_seed(seed)
         self.population = cfg.population
         self.pool = EnvPool(lambda: make_env(cfg.env), cfg.population * cfg.env.envs_per_member)
-        self.agent = make_population(cfg.population, self.pool.obs_dim, self.pool.act_dim, cfg.agent, device)
+        kind = self.pool.action_kind
+        self.agent = make_population(cfg.population, self.pool.obs_dim, self.pool.act_dim, cfg.agent, device, kind)
         self.replay = ReplayBuffer(
             cfg.replay.capacity,
             len(self.pool),
@@ -97,7 +96,8 @@ class Trainer:
         """Replay shards in the newest local checkpoint, referenced again while unchanged."""
         self.checkpoint_s = 0.0
         """Time the loop was blocked by the newest checkpoint."""
-        self.evolution = Evolution(cfg.evolution, cfg.population, seed=seed + 2, evolved=evolved_hyperparameters(cfg))
+        evolved = evolved_hyperparameters(cfg, type(self.agent))
+        self.evolution = Evolution(cfg.evolution, cfg.population, seed=seed + 2, evolved=evolved)
         self.dreamer = (
             DreamerMember(cfg, self.pool.obs_dim, self.pool.act_dim, device, seed + 3) if cfg.dreamer.enabled else None
         )

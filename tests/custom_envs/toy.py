@@ -130,3 +130,52 @@ class StrictBoxEnv(EndlessEnv):
         if not self.action_space.contains(np.asarray(action, np.float32)):
             raise ValueError(f"action {action!r} outside {self.action_space}")
         return super().step(action)
+
+
+class ChoiceEnv(gym.Env):
+    """``Discrete(3, start=-1)`` actions: each step the observation is ``[last action, t]`` and the
+    reward is ``1`` for action ``1``, else ``0``; episodes terminate after ``length`` steps."""
+
+    length = 4
+
+    def __init__(self) -> None:
+        self.observation_space = spaces.Box(-np.inf, np.inf, shape=(2,), dtype=np.float32)
+        self.action_space = spaces.Discrete(3, start=-1)
+        self.t = 0
+        self.actions: list[int] = []
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
+        if not self.action_space.contains(action):
+            raise ValueError(f"action {action!r} outside {self.action_space}")
+        self.actions.append(int(action))
+        self.t += 1
+        return np.array([action, self.t], np.float32), float(action == 1), self.t >= self.length, False, {}
+
+
+class TupleObsEnv(EndlessEnv):
+    """A tuple observation space, which the trainer does not support."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.observation_space = spaces.Tuple((spaces.Box(-1.0, 1.0, shape=(2,)), spaces.Discrete(2)))
+
+
+class MultiDiscreteEnv(EndlessEnv):
+    """A MultiDiscrete action space, which the trainer does not support."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.action_space = spaces.MultiDiscrete([3, 2])
+
+
+class MultiBinaryEnv(EndlessEnv):
+    """A MultiBinary action space, which the trainer does not support."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.action_space = spaces.MultiBinary(3)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from config import EnvConfig, UserError
-from training.envs import DEFAULT_EPISODE_LIMIT, EnvPool, episode_limit, make_env
+from training.envs import DEFAULT_EPISODE_LIMIT, SUPPORTED, EnvPool, episode_limit, make_env
 
 
 def test_make_env_builds_pendulum() -> None:
@@ -57,8 +57,10 @@ def test_rescaled_actions_never_leave_the_box(custom_envs: str) -> None:
     ("env_id", "message"),
     [
         ("NoSuchEnv-v0", "unknown environment 'NoSuchEnv-v0'"),
-        ("CartPole-v1", "action space Discrete"),
         ("custom_envs.toy:DictObsEnv", "observation space Dict"),
+        ("custom_envs.toy:TupleObsEnv", "observation space Tuple"),
+        ("custom_envs.toy:MultiDiscreteEnv", "action space MultiDiscrete"),
+        ("custom_envs.toy:MultiBinaryEnv", "action space MultiBinary"),
         ("custom_envs.toy:UnboundedActionEnv", "unbounded actions"),
         ("custom_envs.toy:NotAnEnv", "is not a gymnasium.Env"),
         ("custom_envs.toy:Missing", "has no class 'Missing'"),
@@ -66,8 +68,15 @@ def test_rescaled_actions_never_leave_the_box(custom_envs: str) -> None:
     ],
 )
 def test_unknown_or_unsupported_env_is_a_user_error(custom_envs: str, env_id: str, message: str) -> None:
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(UserError, match=message) as refused:
         make_env(EnvConfig(id=env_id))
+    assert "\n" not in str(refused.value)
+    if "space" in message:
+        assert str(refused.value).endswith("supported: " + SUPPORTED)  # says what is supported
+
+
+def test_supported_spaces_are_named() -> None:
+    assert "Box actions" in SUPPORTED and "Discrete actions" in SUPPORTED and "flat Box observations" in SUPPORTED
 
 
 # ---------------------------------------------------------------- EnvPool
@@ -125,4 +134,39 @@ def test_pool_dimensions() -> None:
     assert (len(pool), pool.obs_dim, pool.act_dim) == (4, 3, 1)
     np.testing.assert_array_equal(pool.low, [-2.0])
     np.testing.assert_array_equal(pool.high, [2.0])
+    pool.close()
+
+
+# ---------------------------------------------------------------- Discrete actions
+
+
+def test_discrete_pool_takes_one_hot_rows_and_steps_integer_actions(custom_envs: str) -> None:
+    pool = EnvPool(lambda: make_env(EnvConfig(id=f"{custom_envs}:ChoiceEnv")), 2)
+    assert (pool.action_kind, pool.act_dim, pool.obs_dim) == ("discrete", 3, 2)
+    pool.reset(np.array([0, 1]))
+    next_obs, reward, _, _ = pool.step(np.array([[0, 0, 1], [1, 0, 0]], np.float32))
+    assert [env.unwrapped.actions for env in pool.envs] == [[1], [-1]]  # index + the space's start
+    assert next_obs[:, 0].tolist() == [1, -1] and reward.tolist() == [1.0, 0.0]
+    pool.close()
+
+
+def test_discrete_pool_stores_the_largest_entry_as_a_one_hot_row(custom_envs: str) -> None:
+    pool = EnvPool(lambda: make_env(EnvConfig(id=f"{custom_envs}:ChoiceEnv")), 3)
+    rows = np.array([[0.2, -0.9, 0.7], [0.9, 0.1, -1.0], [0, 1, 0]], np.float32)
+    np.testing.assert_array_equal(pool.canonical(rows), [[0, 0, 1], [1, 0, 0], [0, 1, 0]])
+    assert pool.canonical(rows).dtype == np.float32
+    np.testing.assert_array_equal(pool.env_actions(rows), [1, -1, 0])
+    pool.close()
+
+
+def test_box_actions_are_stored_unchanged(counter_pool: EnvPool) -> None:
+    actions = np.array([[0.3, -0.2], [1.0, -1.0]], np.float32)
+    assert counter_pool.action_kind == "box" and counter_pool.canonical(actions) is actions
+
+
+def test_cartpole_is_supported() -> None:
+    pool = EnvPool(lambda: make_env(EnvConfig(id="CartPole-v1")), 2)
+    assert (pool.action_kind, pool.obs_dim, pool.act_dim, pool.max_episode_steps) == ("discrete", 4, 2, 500)
+    pool.reset(np.array([0, 1]))
+    pool.step(np.eye(2, dtype=np.float32))  # CartPole refuses anything but an integer in {0, 1}
     pool.close()

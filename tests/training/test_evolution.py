@@ -10,7 +10,8 @@ import torch
 from support import live_storages
 
 from agents import Batch, PopulationAgent, make_population
-from config import HYPERPARAMETERS, AgentConfig, EvolutionConfig
+from agents.td3 import TD3Population
+from config import AgentConfig, EvolutionConfig
 from training.evolution import ANCESTRY_KEPT, Evolution, from_search, to_search
 
 P, OBS, ACT = 6, 3, 2
@@ -217,7 +218,7 @@ def test_hyperparameters_are_perturbed_by_a_factor_within_bounds() -> None:
     for event in evolution.evolve(agent, FITNESS, generation=0):
         assert event["hyperparameters"] == "perturbed"
         parent = slot_of[event["parent"]]
-        for name in HYPERPARAMETERS:
+        for name in TD3Population.HYPERPARAMETERS:
             low, high = getattr(evolution.cfg, f"{name}_bounds")
             value, old = float(agent.hyperparameters[name][event["slot"]]), float(before[name][parent])
             candidates = [from_search(name, min(max(to_search(name, old) * f, low), high)) for f in (0.5, 2.0)]
@@ -235,7 +236,7 @@ def test_hyperparameters_stay_within_bounds_over_many_generations(perturb_prob: 
     kinds = set()
     for generation in range(15):
         kinds |= {e["hyperparameters"] for e in evolution.evolve(agent, rng.normal(size=P), generation)}
-        for name in HYPERPARAMETERS:
+        for name in TD3Population.HYPERPARAMETERS:
             low, high = getattr(evolution.cfg, f"{name}_bounds")
             values = agent.hyperparameters[name]
             assert values.min() >= low * (1 - 1e-6) and values.max() <= high * (1 + 1e-6), name

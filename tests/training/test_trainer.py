@@ -10,6 +10,8 @@ import pytest
 import torch
 from support import assert_members_equal, live_storages, tensors_with_graph
 
+from agents.sac_discrete import DiscreteSACPopulation
+from agents.td3 import TD3Population
 from cloud import checkpoint as ckpt
 from config import Config, UserError
 from training import runs
@@ -331,5 +333,9 @@ def test_the_pendulum_improvement_holds_for_other_seeds(tiny_config: TinyConfig,
 
 
 def test_exploration_noise_is_evolved_only_when_exploration_happens(tiny_config: TinyConfig) -> None:
-    assert "exploration_noise" in evolved_hyperparameters(tiny_config())  # debug preset: 50 noisy steps
-    assert "exploration_noise" not in evolved_hyperparameters(tiny_config({"train.steps_per_generation": 0}))
+    explores, no_exploration = tiny_config(), tiny_config({"train.steps_per_generation": 0})
+    assert "exploration_noise" in evolved_hyperparameters(explores, TD3Population)  # debug preset: 50 noisy steps
+    assert "exploration_noise" not in evolved_hyperparameters(no_exploration, TD3Population)
+    both = ("actor_lr", "critic_lr", "gamma", "tau", "target_entropy")  # SAC explores by sampling: all kept
+    assert evolved_hyperparameters(explores, DiscreteSACPopulation) == both
+    assert evolved_hyperparameters(no_exploration, DiscreteSACPopulation) == both

@@ -1,0 +1,184 @@
+"""Soft actor-critic for discrete actions, for a whole population at once (Christodoulou, 2019):
+a categorical actor, twin Q critics with one output per action, Polyak-averaged target critics and
+a learned entropy temperature per member.
+
+With ``n`` actions every expectation over the policy is an exact sum over the ``n`` choices (no
+sampling, no reparameterisation): the soft state value is ``sum_a pi(a|s) (min Q(s, a) - alpha log
+pi(a|s))``. Actions cross the interface as one-hot rows of width ``n`` (``act_dim == n``), which is
+also how the replay stores them; the environment side turns a row into its integer action.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from agents.base import Batch, PopulationAgent
+from agents.batched import BatchedAdam, BatchedLinear, BatchedMLP, per_member
+from config import AgentConfig
+
+
+class DiscreteSACPopulation(PopulationAgent):
+    """``P`` discrete SAC members over ``act_dim`` actions. Per member: ``actor_lr``, ``critic_lr``,
+    ``gamma``, ``tau`` and ``target_entropy`` (a fraction of the largest entropy ``log(act_dim)``,
+    which the temperature ``alpha`` is tuned to hold)."""
+
+    ACTION_KIND = "discrete"
+    HYPERPARAMETERS = ("actor_lr", "critic_lr", "gamma", "tau", "target_entropy")
+
+    def __init__(self, population: int, obs_dim: int, act_dim: int, cfg: AgentConfig, device: torch.device):
+        super().__init__()
+        self.population = population
+        self.act_dim = act_dim
+        self.cfg = cfg
+        hidden = cfg.hidden_sizes
+        self.actor = BatchedMLP(population, obs_dim, hidden, act_dim).to(device)
+        self.critic1 = BatchedMLP(population, obs_dim, hidden, act_dim).to(device)
+        self.critic2 = BatchedMLP(population, obs_dim, hidden, act_dim).to(device)
+        self.critic1_target = _frozen_copy(self.critic1)
+        self.critic2_target = _frozen_copy(self.critic2)
+        self.log_alpha = nn.Parameter(torch.full((population, 1), math.log(cfg.initial_alpha), device=device))
+        """``(P, 1)``: log of each member's entropy temperature."""
+        self.hyperparameters = {
+            name: torch.full((population,), float(getattr(cfg, name)), device=device) for name in self.HYPERPARAMETERS
+        }
+        self.alpha_lr = torch.full((population,), cfg.alpha_lr, device=device)
+        critic_params = [*self.critic1.parameters(), *self.critic2.parameters()]
+        clip = cfg.max_grad_norm
+        self.actor_opt = BatchedAdam(
+            list(self.actor.parameters()), self.hyperparameters["actor_lr"], max_grad_norm=clip
+        )
+        self.critic_opt = BatchedAdam(critic_params, self.hyperparameters["critic_lr"], max_grad_norm=clip)
+        self.alpha_opt = BatchedAdam([self.log_alpha], self.alpha_lr)
+
+    # ------------------------------------------------------------ acting
+
+    @torch.no_grad()
+    def act(self, obs: Tensor, explore: bool) -> Tensor:
+        """``obs (P, N, obs_dim)`` -> one-hot actions ``(P, N, act_dim)``: a draw from the policy
+        when exploring (Gumbel-max, from torch's global generator), its most likely action otherwise."""
+        logits = self.actor(obs)
+        if explore:
+            uniform = torch.rand_like(logits).clamp_(min=1e-20)
+            logits = logits - uniform.log_().neg_().log_()
+        return F.one_hot(logits.argmax(-1), self.act_dim).to(obs.dtype)
+
+    # ------------------------------------------------------------ learning
+
+    def update(self, batches: Sequence[Batch]) -> dict[str, list[float]]:
+        metrics = self._update_critics(batches)
+        metrics |= self._update_actor_and_temperature(batches)
+        self._update_targets()
+        return metrics
+
+    def _policy(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        """``(probs, log_probs)`` of the actor at ``obs (P, B, obs_dim)``, each ``(P, B, act_dim)``."""
+        log_probs = F.log_softmax(self.actor(obs), -1)
+        return log_probs.exp(), log_probs
+
+    def _update_critics(self, batches: Sequence[Batch]) -> dict[str, list[float]]:
+        self.critic_opt.zero_grad()
+        loss_sum = torch.zeros(self.population, device=batches[0].obs.device)
+        q_sum = torch.zeros_like(loss_sum)
+        for batch in batches:
+            target = self._td_target(batch)  # (P, B), no graph
+            q1 = (self.critic1(batch.obs) * batch.action).sum(-1)  # Q of the taken (one-hot) action
+            q2 = (self.critic2(batch.obs) * batch.action).sum(-1)
+            loss = (q1 - target).pow(2).mean(1) + (q2 - target).pow(2).mean(1)  # (P,)
+            # Members own disjoint parameters, so the sum's gradient is each member's own.
+            (loss.sum() / len(batches)).backward(retain_graph=self.leaked_losses is not None)
+            if self.leaked_losses is not None:
+                self.leaked_losses.append(loss)
+            loss_sum += loss.detach()
+            q_sum += q1.detach().mean(1)
+        grad_norm = self.critic_opt.step()
+        k = len(batches)
+        return {
+            "critic_loss": (loss_sum / k).tolist(),
+            "q_mean": (q_sum / k).tolist(),
+            "critic_grad_norm": grad_norm.tolist(),
+        }
+
+    def _update_actor_and_temperature(self, batches: Sequence[Batch]) -> dict[str, list[float]]:
+        """Actor: minimise ``sum_a pi(a|s) (alpha log pi(a|s) - min Q(s, a))``; then the temperature:
+        ``log_alpha`` rises while the policy's entropy is below its target and falls above it."""
+        self.actor_opt.zero_grad()
+        loss_sum = torch.zeros(self.population, device=batches[0].obs.device)
+        entropy_sum = torch.zeros_like(loss_sum)
+        alpha = self.log_alpha.detach().exp()  # (P, 1)
+        for batch in batches:
+            with torch.no_grad():
+                q = torch.min(self.critic1(batch.obs), self.critic2(batch.obs))  # (P, B, n)
+            probs, log_probs = self._policy(batch.obs)
+            loss = (probs * (alpha.unsqueeze(-1) * log_probs - q)).sum(-1).mean(1)  # (P,)
+            (loss.sum() / len(batches)).backward()
+            loss_sum += loss.detach()
+            entropy_sum += -(probs.detach() * log_probs.detach()).sum(-1).mean(1)
+        self.actor_opt.step()
+        k = len(batches)
+        entropy = entropy_sum / k
+        target = self.hyperparameters["target_entropy"] * math.log(self.act_dim)
+        self.alpha_opt.zero_grad()
+        alpha_loss = (self.log_alpha.squeeze(1) * (entropy - target)).sum()
+        alpha_loss.backward()
+        self.alpha_opt.step()
+        return {
+            "actor_loss": (loss_sum / k).tolist(),
+            "entropy": entropy.tolist(),
+            "alpha": self.log_alpha.detach().exp().squeeze(1).tolist(),
+        }
+
+    @torch.no_grad()
+    def _td_target(self, batch: Batch) -> Tensor:
+        """Soft clipped double-Q target ``(P, B)``: the exact expectation over the next policy."""
+        probs, log_probs = self._policy(batch.next_obs)
+        next_q = torch.min(self.critic1_target(batch.next_obs), self.critic2_target(batch.next_obs))
+        alpha = self.log_alpha.exp().unsqueeze(-1)  # (P, 1, 1)
+        next_v = (probs * (next_q - alpha * log_probs)).sum(-1)
+        gamma = self.hyperparameters["gamma"].unsqueeze(1)
+        return batch.reward + gamma * (1.0 - batch.terminated) * next_v
+
+    @torch.no_grad()
+    def _update_targets(self) -> None:
+        tau = self.hyperparameters["tau"]
+        for online, target in ((self.critic1, self.critic1_target), (self.critic2, self.critic2_target)):
+            for p, t in zip(online.parameters(), target.parameters(), strict=True):
+                t.lerp_(p, per_member(tau, t))
+
+    # ------------------------------------------------------------ members
+
+    def actor_parameters(self) -> list[Tensor]:
+        return list(self.actor.parameters())
+
+    def actor_layers(self) -> list[list[Tensor]]:
+        layers: list[BatchedLinear] = list(self.actor.layers)  # type: ignore[arg-type]
+        return [[layer.weight, layer.bias] for layer in layers]
+
+    def member_tensors(self) -> dict[str, Tensor]:
+        tensors: dict[str, Tensor] = {}
+        for name in ("actor", "critic1", "critic2", "critic1_target", "critic2_target"):
+            for pname, p in getattr(self, name).named_parameters():
+                tensors[f"{name}.{pname}"] = p.data
+        tensors["log_alpha"] = self.log_alpha.data
+        for name, opt in (
+            ("actor_opt", self.actor_opt),
+            ("critic_opt", self.critic_opt),
+            ("alpha_opt", self.alpha_opt),
+        ):
+            for sname, s in opt.state_tensors().items():
+                tensors[f"{name}.{sname}"] = s
+        for name, hp in self.hyperparameters.items():
+            tensors[f"hp.{name}"] = hp
+        return tensors
+
+
+def _frozen_copy(module: nn.Module) -> nn.Module:
+    target = copy.deepcopy(module)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    return target
