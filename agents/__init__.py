@@ -2,29 +2,53 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from agents.base import Batch, PopulationAgent
 from agents.policy import Policy, load_policy
+from agents.sac_discrete import DiscreteSACPopulation
 from agents.td3 import TD3Population
 from config import AgentConfig, UserError
 
-AgentFactory = Callable[[int, int, int, AgentConfig, torch.device], PopulationAgent]
-"""(population, obs_dim, act_dim, config, device) -> a PopulationAgent."""
+ALGORITHMS: dict[str, type[PopulationAgent]] = {"td3": TD3Population, "sac_discrete": DiscreteSACPopulation}
+"""Actor-critic variants by name; a new one subclasses PopulationAgent and registers here. Each is
+built as ``cls(population, obs_dim, act_dim, config, device)``."""
 
-ALGORITHMS: dict[str, AgentFactory] = {"td3": TD3Population}
-"""Actor-critic variants by name; a new one subclasses PopulationAgent and registers here."""
+AUTO = {"box": "td3", "discrete": "sac_discrete"}
+"""``agent.algorithm: auto`` picks the variant by the environment's action space."""
+
+
+def algorithm_class(cfg: AgentConfig, action_kind: str) -> type[PopulationAgent]:
+    """The class ``cfg.algorithm`` names (``auto``: by ``action_kind``, ``"box"`` or ``"discrete"``);
+    UserError for an unknown name or one that does not serve ``action_kind``."""
+    name = AUTO[action_kind] if cfg.algorithm == "auto" else cfg.algorithm
+    if name not in ALGORITHMS:
+        raise UserError(f"unknown agent.algorithm {cfg.algorithm!r}; choose one of: auto, {', '.join(ALGORITHMS)}")
+    cls = ALGORITHMS[name]
+    if action_kind != cls.ACTION_KIND:
+        fits = [n for n, c in ALGORITHMS.items() if action_kind == c.ACTION_KIND]
+        raise UserError(
+            f"agent.algorithm {name!r} needs {cls.ACTION_KIND} actions but the env has {action_kind} actions; "
+            f"use auto or {', '.join(fits)}"
+        )
+    return cls
 
 
 def make_population(
-    population: int, obs_dim: int, act_dim: int, cfg: AgentConfig, device: torch.device
+    population: int, obs_dim: int, act_dim: int, cfg: AgentConfig, device: torch.device, action_kind: str = "box"
 ) -> PopulationAgent:
-    """Build ``population`` members of ``cfg.algorithm`` on ``device``."""
-    if cfg.algorithm not in ALGORITHMS:
-        raise UserError(f"unknown agent.algorithm {cfg.algorithm!r}; choose one of: {', '.join(ALGORITHMS)}")
-    return ALGORITHMS[cfg.algorithm](population, obs_dim, act_dim, cfg, device)
+    """Build ``population`` members of ``cfg.algorithm`` on ``device`` for ``action_kind`` actions
+    (``act_dim`` is the action vector's width: the number of choices for ``"discrete"``)."""
+    return algorithm_class(cfg, action_kind)(population, obs_dim, act_dim, cfg, device)
 
 
-__all__ = ["ALGORITHMS", "Batch", "Policy", "PopulationAgent", "load_policy", "make_population"]
+__all__ = [
+    "ALGORITHMS",
+    "AUTO",
+    "Batch",
+    "Policy",
+    "PopulationAgent",
+    "algorithm_class",
+    "load_policy",
+    "make_population",
+]
