@@ -5,6 +5,9 @@ python main.py --preset debug          # a few seconds
 python main.py --resume                # continue the latest run in --run-dir
 python main.py status                  # runs and generations stored in --run-dir
 python main.py --checkpoint-uri s3://bucket/prefix   # also upload checkpoints (gs:// too)
+python main.py evaluate RUN            # noise-free episodes of the newest generation's elite
+python main.py export RUN --out DIR    # the elite's actor as safetensors + JSON (agents.load_policy)
+python main.py plot RUN                # PNG figures of the run's logs, into its folder
 """
 
 from __future__ import annotations
@@ -195,6 +198,114 @@ def status(run_dir: str, checkpoint_uri: str) -> None:
             if run.remote is not None:
                 line += f"  {where}: {_generations(run.remote)}"
             click.echo(line)
+
+
+_RUN_DIR = click.option("--run-dir", default="runs", metavar="PATH", help="Folder of runs (default: runs).")
+_URI = click.option(
+    "--checkpoint-uri", default="", metavar="URI", help="Also look for the run's checkpoints (and logs) there."
+)
+_GENERATION = click.option(
+    "--generation", type=int, default=None, metavar="N", help="Generation N (1-based; default: the newest verified)."
+)
+_MEMBER = click.option(
+    "--member", default="elite", metavar="elite|dreamer|SLOT", help="Whose policy (default: the generation's elite)."
+)
+_FORCE = click.option("--force", is_flag=True, help="Replace files written before.")
+
+
+@cli.command()
+@click.argument("run", required=False, default="")
+@_RUN_DIR
+@_URI
+@_GENERATION
+@_MEMBER
+@click.option("--episodes", type=click.IntRange(min=1), default=10, show_default=True, help="Episodes to play.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Episode i starts from reset seed SEED + i.")
+@click.option("--video", default=None, metavar="DIR", help="Record every episode there (gymnasium RecordVideo).")
+@_FORCE
+def evaluate(
+    run: str,
+    run_dir: str,
+    checkpoint_uri: str,
+    generation: int | None,
+    member: str,
+    episodes: int,
+    seed: int,
+    video: str | None,
+    force: bool,
+) -> None:
+    """Play noise-free episodes of one member of RUN (default: the latest run) and print their returns."""
+    with _user_errors():
+        from pathlib import Path
+
+        from training.tools import evaluate as ev
+        from training.tools.output import writable_folder
+
+        gen, chosen = _open(run, run_dir, checkpoint_uri, generation, member)
+        folder = Path(video) if video is not None else None
+        if folder is not None:
+            files = ev.video_files(folder, ev.video_prefix(gen, chosen), episodes)
+            writable_folder(folder, [f for f in files if f.exists()], force)
+        result = ev.evaluate(gen, chosen, range(seed, seed + episodes), folder)
+        click.echo(f"{gen.label}, {chosen.label}" + _fitness_note(chosen.fitness))
+        click.echo(result.summary())
+        if folder is not None:
+            click.echo(f"videos: {folder}/{ev.video_prefix(gen, chosen)}-episode-*.mp4")
+
+
+@cli.command()
+@click.argument("run", required=False, default="")
+@click.option("--out", required=True, metavar="DIR", help="Folder for policy.safetensors and policy.json.")
+@_RUN_DIR
+@_URI
+@_GENERATION
+@_MEMBER
+@_FORCE
+def export(
+    run: str, out: str, run_dir: str, checkpoint_uri: str, generation: int | None, member: str, force: bool
+) -> None:
+    """Export one member's actor of RUN as safetensors + JSON; load it with agents.load_policy(DIR)."""
+    with _user_errors():
+        from pathlib import Path
+
+        from training.tools.export import export as write
+
+        gen, chosen = _open(run, run_dir, checkpoint_uri, generation, member)
+        paths = write(gen, chosen, Path(out), force)
+        click.echo(f"exported {chosen.label} of {gen.label}" + _fitness_note(chosen.fitness))
+        click.echo("  " + "  ".join(str(p) for p in paths))
+
+
+@cli.command()
+@click.argument("run", required=False, default="")
+@_RUN_DIR
+@_URI
+@_FORCE
+def plot(run: str, run_dir: str, checkpoint_uri: str, force: bool) -> None:
+    """Draw RUN's fitness, memory, hyperparameters and elite lineage as PNGs in its run folder."""
+    with _user_errors():
+        from training.tools import loading
+        from training.tools.plot import plot_run
+
+        places = loading.storages(run_dir, checkpoint_uri)
+        for path in plot_run(places, run or loading.latest_run(places), force):
+            click.echo(str(path))
+
+
+def _open(run: str, run_dir: str, uri: str, generation: int | None, member: str) -> tuple[Any, Any]:
+    """The verified generation and the chosen member (UserError in one line otherwise)."""
+    from training.tools import loading
+
+    if generation is not None and generation < 1:
+        raise UserError(f"--generation counts from 1, got {generation}")
+    places = loading.storages(run_dir, uri)
+    index = None if generation is None else generation - 1
+    gen = loading.open_generation(places, run or loading.latest_run(places), index)
+    return gen, loading.choose_member(gen, member)
+
+
+def _fitness_note(fitness: float | None) -> str:
+    return "" if fitness is None else f" (fitness {fitness:.2f} in training)"
 
 
 def _generations(found: list[int]) -> str:
