@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -26,7 +27,14 @@ class LogWriteError(UserError):
 
 
 class ProgressBar:
-    """A one-line bar on a terminal, redrawn at most ten times a second; silent elsewhere."""
+    """A one-line ``tqdm`` bar on a terminal: the generation's label, phase, rate, time left for the
+    generation and for the run; silent elsewhere (nothing is written when ``stream`` is not a tty).
+
+    The run's time left assumes the generations still to come (read from a label ``gen G/N``) each
+    take as long as this one is projected to; the rate counts work units (rollout steps of all
+    streams and optimizer steps), so the estimates settle once a phase has run a while."""
+
+    REDRAW_S = 0.1
 
     def __init__(self, total: int, label: str, enabled: bool, stream: TextIO = sys.stderr) -> None:
         self.total = max(total, 1)
@@ -36,21 +44,55 @@ class ProgressBar:
         self.done = 0
         self.started = time.perf_counter()
         self.drawn = 0.0
+        match = re.fullmatch(r"gen (\d+)/(\d+)", label)
+        self.generations_after = int(match[2]) - int(match[1]) if match else 0
+        self._bar: Any = None
+        if self.enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=self.total,
+                desc=label,
+                file=stream,
+                leave=False,
+                dynamic_ncols=True,
+                mininterval=0,  # ``advance`` redraws at most every REDRAW_S itself
+                miniters=1,
+                unit="step",
+                bar_format="{desc} {percentage:3.0f}%|{bar:20}| {rate_fmt}{postfix}",
+            )
 
     def advance(self, amount: int = 1, phase: str = "") -> None:
         self.done += amount
+        if self._bar is None:
+            return
         now = time.perf_counter()
-        if self.enabled and (now - self.drawn > 0.1 or self.done >= self.total):
+        if now - self.drawn > self.REDRAW_S or self.done >= self.total:
             self.drawn = now
-            frac = min(self.done / self.total, 1.0)
-            bar = "#" * int(frac * 30)
-            self.stream.write(f"\r{self.label} [{bar:<30}] {frac:4.0%} {phase:<10} {now - self.started:6.1f}s")
-            self.stream.flush()
+            self._bar.set_postfix_str(self.postfix(phase, now), refresh=False)
+            self._bar.update(min(self.done, self.total) - self._bar.n)
+
+    def postfix(self, phase: str, now: float) -> str:
+        """``phase  generation left 0:12  run left 3:40`` (estimates from this generation's rate)."""
+        elapsed = now - self.started
+        done = min(self.done, self.total)
+        if done == 0 or elapsed <= 0:
+            return f"{phase:<8}"
+        left = (self.total - done) * elapsed / done
+        run_left = left + self.generations_after * (elapsed + left)
+        return f"{phase:<8} gen left {_clock(left)}  run left {_clock(run_left)}"
 
     def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\r" + " " * 80 + "\r")
-            self.stream.flush()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _clock(seconds: float) -> str:
+    """``m:ss``, or ``h:mm:ss`` from an hour on."""
+    whole = int(round(seconds))
+    hours, rest = divmod(whole, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
 def status_block(record: dict[str, Any]) -> str:
