@@ -4,6 +4,7 @@ checkpoint load API (``cloud.checkpoint.load`` / ``find_latest``), and pick one 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,7 +84,7 @@ def latest_run(places: list[Storage]) -> str:
 def open_generation(places: list[Storage], run: str, generation: int | None = None) -> Generation:
     """Load ``run``'s newest verified generation, or ``generation`` (0-based), verified.
     UserError in one line for a missing run or generation, a damaged or foreign checkpoint."""
-    held = {g: s for s in reversed(places) for g in ckpt.generations(s, run)}
+    held = {g: s for s in reversed(places) for g in ckpt.generations(s, run)}  # the first place holding each
     where = " or ".join(s.url("") for s in places)
     if not held:
         known = sorted({name for s in places for name in s.folders("") if ckpt.generations(s, name)})
@@ -92,13 +93,13 @@ def open_generation(places: list[Storage], run: str, generation: int | None = No
     if generation is None:
         latest = ckpt.find_latest(places, run)
         for line in latest.rejected():
-            print(f"warning: {line}", flush=True)
+            print(f"warning: {line}", file=sys.stderr, flush=True)
         generation, checkpoint, source = latest.generation, latest.checkpoint, latest.source
     else:
         if generation not in held:
             have = ", ".join(str(g + 1) for g in sorted(held))
             raise UserError(f"run {run!r} has no generation {generation + 1} (checkpointed: {have})")
-        first = [s for s in places if generation in ckpt.generations(s, run)][0]
+        first = held[generation]
         checkpoint = ckpt.load(first, run, generation, [s for s in places if s is not first])
         source = first
     cfg = _written_config(checkpoint, f"{run}/gen-{generation:06d}")
