@@ -184,6 +184,15 @@ def test_a_corrupt_checkpoint_is_one_line(tmp_path: Path) -> None:
     assert_one_line_user_error(invoke("evaluate", "--run-dir", str(run.run_dir)), "no verified checkpoint")
 
 
+def test_a_damaged_newest_generation_falls_back_with_a_warning(tmp_path: Path) -> None:
+    run = finish_run(tmp_path / "runs", "fallback", generations=2)
+    (run.folder / "gen-000001" / "state.json").write_text("{}")
+    result = invoke("evaluate", "--run-dir", str(run.run_dir), "--episodes", "1")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith("warning: generation 2 rejected") and len(result.stderr.splitlines()) == 1
+    assert "run 'fallback' generation 1, member elite" in result.stdout
+
+
 def test_a_foreign_checkpoint_is_one_line(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path / "runs")
     ckpt.save(storage, "foreign", 0, ckpt.Checkpoint({"w": torch.zeros(2)}, {"model": "someone else's"}, {}))
