@@ -41,7 +41,7 @@ class DreamerMember:
         self.cfg = cfg
         self.device = device
         self.pool = EnvPool(lambda: make_env(cfg.env), cfg.env.envs_per_member)
-        self.agent = DreamerAgent((obs_dim,), ActionSpec("box", act_dim), cfg.dreamer, device, seed)
+        self.agent = DreamerAgent((obs_dim,), ActionSpec(self.pool.action_kind, act_dim), cfg.dreamer, device, seed)
         d = cfg.dreamer
         self.rng = np.random.default_rng(seed)
         """The member's own draws from the replay (the population's sampling is left unchanged)."""

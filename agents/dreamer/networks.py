@@ -4,7 +4,8 @@
 (a flat vector today; an image encoder/decoder pair registers in ``ENCODERS``/``DECODERS`` under
 its own rule later, with the same ``(..., *obs_shape) -> (..., embed)`` and
 ``(..., feat) -> (..., *obs_shape)`` contracts). ``make_actor(action)`` picks the policy head for
-an action space (bounded Gaussian for ``Box`` in ``[-1, 1]``; a categorical head plugs in the same way).
+an action space (bounded Gaussian for ``Box`` in ``[-1, 1]``, categorical over one-hot actions for
+``Discrete``; both with the same ``sample``/``mode``/``log_prob_entropy``).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from agents.dreamer.math import symexp, symlog, two_hot_loss, two_hot_mean
+from agents.dreamer.math import symexp, symlog, two_hot_loss, two_hot_mean, unimix_logits
 from config import UserError
 
 
@@ -140,9 +142,47 @@ class BoundedGaussianActor(nn.Module):
         return log_prob.sum(-1), entropy.sum(-1)
 
 
-def make_actor(action: ActionSpec, feat: int, units: int, layers: int) -> BoundedGaussianActor:
-    """The policy head for ``action``: a bounded Gaussian for ``box`` (a categorical head for
-    ``discrete`` is added here later, with the same ``sample``/``mode``/``log_prob_entropy``)."""
+class CategoricalActor(nn.Module):
+    """Features ``(..., feat)`` -> a categorical over ``dim`` actions, mixed with ``unimix`` of the
+    uniform distribution (DreamerV3's 1%, so no action's probability reaches 0). Actions are one-hot
+    rows ``(..., dim)``; a sample's ``raw`` draw is that same one-hot row, and the actor learns from it
+    by REINFORCE (``log_prob_entropy``), as DreamerV3 does for discrete actions."""
+
+    def __init__(self, feat: int, dim: int, units: int, layers: int, unimix: float = 0.01) -> None:
+        super().__init__()
+        self.dim, self.unimix = dim, unimix
+        self.net = mlp(feat, units, layers, dim)
+
+    def forward(self, feat: Tensor) -> Tensor:
+        """Log-probabilities ``(..., dim)`` (after the uniform mix)."""
+        return unimix_logits(self.net(feat), self.unimix)
+
+    def sample(self, feat: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """``(one-hot draw, the same one-hot action)``, each ``(..., dim)`` and detached."""
+        with torch.no_grad():
+            probs = self(feat).exp()
+            # A non-finite row (a diverged actor) draws from any action instead of raising.
+            flat = torch.nan_to_num(probs.reshape(-1, self.dim), nan=1.0, posinf=1.0, neginf=0.0)
+            index = torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+            one_hot = F.one_hot(index, self.dim).to(probs.dtype)
+        return one_hot, one_hot
+
+    def mode(self, feat: Tensor) -> Tensor:
+        """The most likely action, one-hot ``(..., dim)``."""
+        logits = self(feat)
+        return F.one_hot(logits.argmax(-1), self.dim).to(logits.dtype)
+
+    def log_prob_entropy(self, feat: Tensor, raw: Tensor) -> tuple[Tensor, Tensor]:
+        """Log-probability of the one-hot ``raw (..., dim)`` and the distribution's entropy, each ``(...)``."""
+        log_probs = self(feat)
+        return (raw * log_probs).sum(-1), -(log_probs.exp() * log_probs).sum(-1)
+
+
+def make_actor(action: ActionSpec, feat: int, units: int, layers: int) -> BoundedGaussianActor | CategoricalActor:
+    """The policy head for ``action``: a bounded Gaussian for ``box``, a categorical over one-hot
+    actions for ``discrete``; both with the same ``sample``/``mode``/``log_prob_entropy``."""
     if action.kind == "box":
         return BoundedGaussianActor(feat, action.dim, units, layers)
-    raise UserError(f"dreamer: {action.kind!r} action spaces are not supported yet (Box actions only)")
+    if action.kind == "discrete":
+        return CategoricalActor(feat, action.dim, units, layers)
+    raise UserError(f"dreamer: {action.kind!r} action spaces are not supported (Box or Discrete actions)")
