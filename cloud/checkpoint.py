@@ -1,7 +1,7 @@
 """The checkpoint format: objects first, then a manifest with the size and sha256 of each.
 
 ```
-<run>/gen-000123/tensors.pt       every tensor (torch.save, read with weights_only=True)
+<run>/gen-000123/tensors.safetensors   every tensor (safetensors: a JSON header, raw bytes)
 <run>/gen-000123/state.json       everything else that is not bulk data (JSON)
 <run>/objects/<sha256>            shared blobs (replay shards), content-addressed, referenced by
                                   every generation in which they did not change
@@ -16,15 +16,17 @@ manifest names their keys: no write can change an object that a committed genera
 a second writer of the same generation never corrupts the first (its manifest commit is refused).
 Wherever a manifest says an object is, ``objects/<sha256>`` is also looked at, so a copy of either
 kind fills in damaged objects of the other.
-Nothing in the format is unpickled: loading a checkpoint never executes code.
+Nothing in the format is unpickled: loading a checkpoint parses JSON (manifests, ``state.json``),
+one safetensors header (checked here before any tensor is built, see ``cloud.tensorfile``) and
+raw bytes (replay shards, laid out by ``state.json``); no code from a checkpoint can run.
+Generations of the previous format (``evorl-checkpoint/2``, tensors in a ``torch.save`` pickle)
+are not read: ``python -m cloud.convert`` converts them once, deliberately.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import pickle
 import re
 import sys
 from collections.abc import Collection, Sequence
@@ -33,10 +35,14 @@ from typing import Any
 
 import torch
 
+from cloud import tensorfile
 from cloud.storage import LocalStorage, Storage
 from config import UserError
 
-FORMAT = "evorl-checkpoint/2"
+FORMAT = "evorl-checkpoint/3"
+PREVIOUS_FORMAT = "evorl-checkpoint/2"
+"""Tensors in a ``torch.save`` file (``tensors.pt``): refused on load, converted by ``cloud.convert``."""
+TENSORS = "tensors.safetensors"
 MANIFEST = "MANIFEST.json"
 OBJECTS = "objects"
 _GEN = re.compile(r"^gen-(\d{6,})$")
@@ -44,6 +50,10 @@ _GEN = re.compile(r"^gen-(\d{6,})$")
 
 class CheckpointError(UserError):
     """A checkpoint is missing, corrupted or foreign: shown as one line."""
+
+
+class PreviousFormat(CheckpointError):
+    """A generation written in ``PREVIOUS_FORMAT``: not damaged, but not read (the line says how to convert)."""
 
 
 @dataclass(frozen=True)
@@ -89,16 +99,16 @@ def save(storage: Storage, run: str, generation: int, checkpoint: Checkpoint) ->
     generation lists."""
     refs = {}
     for name, blob in checkpoint.blobs.items():
-        refs[name] = _write_object(storage, run, blob) if isinstance(blob, bytes) else blob
+        refs[name] = write_object(storage, run, blob) if isinstance(blob, bytes) else blob
     objects = {
-        "tensors.pt": _tensor_bytes(checkpoint.tensors),
+        TENSORS: tensorfile.encode(checkpoint.tensors),
         "state.json": json.dumps(checkpoint.meta, sort_keys=True).encode(),
     }
     if isinstance(storage, LocalStorage):
         storage.write_many(generation_prefix(run, generation), objects)
-        own = {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in objects.items()}
+        own = {name: object_entry(data) for name, data in objects.items()}
     else:
-        own = {name: _write_object(storage, run, data).to_dict() for name, data in objects.items()}
+        own = {name: write_object(storage, run, data).to_dict() for name, data in objects.items()}
     manifest = {
         "format": FORMAT,
         "generation": generation,
@@ -132,7 +142,12 @@ def same_generation(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return content(a) == content(b)
 
 
-def _write_object(storage: Storage, run: str, data: bytes) -> BlobRef:
+def object_entry(data: bytes) -> dict[str, Any]:
+    """A manifest's entry for an object in the generation's folder: its size and sha256."""
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def write_object(storage: Storage, run: str, data: bytes) -> BlobRef:
     """Store ``data`` under ``<run>/objects/<sha256>`` (the same key always holds the same bytes)."""
     digest = hashlib.sha256(data).hexdigest()
     ref = BlobRef(f"{OBJECTS}/{digest}", len(data), digest)
@@ -155,18 +170,14 @@ def load(storage: Storage, run: str, generation: int, fallbacks: Sequence[Storag
         for name, key, entry in _entries(manifest, run)
     }
     try:
-        tensors = torch.load(io.BytesIO(data["tensors.pt"]), weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError:
-        raise CheckpointError(
-            f"{storage.url(prefix)}/tensors.pt holds objects other than tensors; refused (loading it could run code)"
-        ) from None
-    except (KeyError, ValueError, RuntimeError, OSError) as err:
-        raise CheckpointError(f"{storage.url(prefix)} cannot be decoded: {str(err).splitlines()[0]}") from None
+        tensors = tensorfile.decode(data[TENSORS])
+    except tensorfile.TensorFileError as err:
+        raise CheckpointError(f"{storage.url(prefix)}/{TENSORS} refused: {err}") from None
     try:
         meta = json.loads(data["state.json"])
-    except (KeyError, ValueError) as err:
+    except (ValueError, RecursionError) as err:  # RecursionError: nesting deeper than the parser goes
         raise CheckpointError(f"{storage.url(prefix)}/state.json cannot be decoded: {err}") from None
-    if not isinstance(tensors, dict) or not isinstance(meta, dict):
+    if not isinstance(meta, dict):
         raise CheckpointError(f"{storage.url(prefix)} does not hold a checkpoint")
     blobs: dict[str, bytes | BlobRef] = {
         name[len("shared/") :]: blob for name, blob in data.items() if name.startswith("shared/")
@@ -192,6 +203,8 @@ class Rejected:
     generation: int
     storage: Storage
     reason: str
+    previous_format: bool = False
+    """Written in ``PREVIOUS_FORMAT``: not damaged, so never discarded (``cloud.convert`` reads it)."""
 
 
 @dataclass
@@ -224,11 +237,12 @@ class Latest:
 
     def discard(self, run: str) -> list[Rejected]:
         """Delete the manifest of every copy that failed (only those: a generation another copy
-        holds intact, or one never examined, is left alone), so that rejected generations can be
-        committed again. Call only once the resume is otherwise accepted."""
-        for copy in self.failed:
+        holds intact, one never examined, or one in the previous format is left alone), so that
+        rejected generations can be committed again. Call only once the resume is otherwise accepted."""
+        damaged = [copy for copy in self.failed if not copy.previous_format]
+        for copy in damaged:
             copy.storage.delete(manifest_key(run, copy.generation))
-        return self.failed
+        return damaged
 
 
 def load_latest(storages: Sequence[Storage], run: str) -> tuple[int, Checkpoint, list[str]]:
@@ -251,7 +265,7 @@ def find_latest(storages: Sequence[Storage], run: str) -> Latest:
             try:
                 checkpoint = load(holder, run, generation, [s for s in storages if s is not holder])
             except CheckpointError as err:
-                failed.append(Rejected(generation, holder, str(err)))
+                failed.append(Rejected(generation, holder, str(err), isinstance(err, PreviousFormat)))
                 continue
             return Latest(generation, checkpoint, holder, failed)
     where = " or ".join(s.url(run) for s in storages)
@@ -295,7 +309,10 @@ def prune(
     return deleted
 
 
-def read_manifest(storage: Storage, run: str, generation: int) -> dict[str, Any]:
+def read_manifest(storage: Storage, run: str, generation: int, previous: bool = False) -> dict[str, Any]:
+    """A generation's manifest, checked (format, generation, the objects it may name); raise
+    CheckpointError with the reason. ``previous``: accept ``PREVIOUS_FORMAT`` too (to know what
+    its objects are, or to convert it), else it raises PreviousFormat saying how to convert."""
     key = manifest_key(run, generation)
     if not storage.exists(key):
         raise CheckpointError(f"{storage.url(key)} is missing")
@@ -303,9 +320,14 @@ def read_manifest(storage: Storage, run: str, generation: int) -> dict[str, Any]
         manifest = json.loads(storage.read(key))
     except FileNotFoundError:  # deleted since the check (retention, a discard)
         raise CheckpointError(f"{storage.url(key)} is missing") from None
-    except ValueError:
+    except (ValueError, RecursionError):
         raise CheckpointError(f"{storage.url(key)} is not valid JSON") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if isinstance(manifest, dict) and manifest.get("format") == PREVIOUS_FORMAT and not previous:
+        raise PreviousFormat(
+            f"{storage.url(key)} is of the previous format {PREVIOUS_FORMAT} (tensors in a pickle, no longer read); "
+            f"if you trust its source, convert the run once: python -m cloud.convert {storage.url('')} {run}"
+        )
+    if not isinstance(manifest, dict) or manifest.get("format") not in (FORMAT, PREVIOUS_FORMAT):
         raise CheckpointError(f"{storage.url(key)} is not a {FORMAT} manifest")
     if manifest.get("generation") != generation:
         raise CheckpointError(f"{storage.url(key)} names generation {manifest.get('generation')!r}, not {generation}")
@@ -322,8 +344,8 @@ def manifest_objects(manifest: dict[str, Any], run: str) -> list[tuple[str, dict
     return shared + own
 
 
-OWN_OBJECTS = ("state.json", "tensors.pt")
-"""The objects every generation has, by name."""
+OWN_OBJECTS = {FORMAT: ("state.json", TENSORS), PREVIOUS_FORMAT: ("state.json", "tensors.pt")}
+"""The objects every generation of a format has, by name."""
 _SHARED_NAME = re.compile(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _OBJECT_KEY = re.compile(rf"{OBJECTS}/[0-9a-f]{{64}}")
@@ -337,9 +359,10 @@ def _entries(manifest: dict[str, Any], run: str) -> list[tuple[str, str, dict[st
     own, shared = manifest.get("objects"), manifest.get("shared", {})
     if not isinstance(own, dict) or not isinstance(shared, dict):
         raise malformed
-    if sorted(own) != list(OWN_OBJECTS):
+    expected = list(OWN_OBJECTS[manifest["format"]])
+    if sorted(own) != expected:
         raise CheckpointError(
-            f"the manifest of {run}/{prefix} is malformed: it lists {sorted(own)!r}, not {list(OWN_OBJECTS)!r}"
+            f"the manifest of {run}/{prefix} is malformed: it lists {sorted(own)!r}, not {expected!r}"
         )
     entries = [(name, entry.get("key", f"{prefix}/{name}"), entry) for name, entry in own.items() if _valid(entry)]
     entries += [(f"shared/{name}", entry.get("key"), entry) for name, entry in shared.items() if _valid(entry)]
@@ -363,6 +386,14 @@ def _valid(entry: Any) -> bool:
         and isinstance(entry.get("sha256"), str)
         and _SHA256.fullmatch(entry["sha256"]) is not None
     )
+
+
+def read_own_object(storage: Storage, run: str, generation: int, name: str, entry: dict[str, Any]) -> bytes:
+    """The bytes of the generation's own object ``name`` (``entry``: its manifest entry), from
+    any place a copy keeps it, verified; CheckpointError if no place holds it intact."""
+    key = entry.get("key", f"gen-{generation:06d}/{name}")
+    label = storage.url(f"{generation_prefix(run, generation)}/{name}")
+    return _verified(storage, (), _candidates(run, generation, name, key, entry), entry, label)
 
 
 def _candidates(run: str, generation: int, name: str, key: str, entry: dict[str, Any]) -> list[str]:
@@ -398,7 +429,7 @@ def _collect_garbage(storage: Storage, run: str, problems: list[str]) -> list[st
     referenced: set[str] = set()
     for generation in generations(storage, run):
         try:
-            manifest = read_manifest(storage, run, generation)
+            manifest = read_manifest(storage, run, generation, previous=True)  # to be converted: kept
         except CheckpointError as err:
             problems.append(f"{err}; the objects it lists are not kept for it")
             continue
@@ -407,9 +438,3 @@ def _collect_garbage(storage: Storage, run: str, problems: list[str]) -> list[st
     for key in garbage:
         storage.delete(key)
     return garbage
-
-
-def _tensor_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
-    buffer = io.BytesIO()
-    torch.save({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, buffer)
-    return buffer.getvalue()

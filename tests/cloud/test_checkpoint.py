@@ -5,6 +5,7 @@ import io
 import json
 import os
 import pickle
+import struct
 from pathlib import Path
 
 import pytest
@@ -81,7 +82,11 @@ def test_save_then_load_round_trips_tensors_blobs_and_meta(storage: LocalStorage
 def test_save_writes_objects_shared_blobs_a_manifest_and_the_latest_hint(storage: LocalStorage) -> None:
     saved(storage, 2)
     prefix = f"{RUN}/gen-000001/"
-    assert sorted(k[len(prefix) :] for k in storage.list(prefix)) == ["MANIFEST.json", "state.json", "tensors.pt"]
+    assert sorted(k[len(prefix) :] for k in storage.list(prefix)) == [
+        "MANIFEST.json",
+        "state.json",
+        "tensors.safetensors",
+    ]
     manifest = json.loads(storage.read(f"{prefix}MANIFEST.json"))
     assert manifest["format"] == ckpt.FORMAT and manifest["generation"] == 1
     for name, entry in manifest["objects"].items():
@@ -140,8 +145,8 @@ def test_load_latest_takes_the_newest_generation(storage: LocalStorage) -> None:
 
 def test_a_flipped_byte_rejects_the_generation_and_falls_back(storage: LocalStorage) -> None:
     saved(storage, 3)
-    flip_a_byte(object_path(storage, 2, "tensors.pt"))
-    with pytest.raises(CheckpointError, match="gen-000002/tensors.pt does not match its manifest"):
+    flip_a_byte(object_path(storage, 2, "tensors.safetensors"))
+    with pytest.raises(CheckpointError, match="gen-000002/tensors.safetensors does not match its manifest"):
         ckpt.load(storage, RUN, 2)
     generation, state, rejected = ckpt.load_latest([storage], RUN)
     assert generation == 1 and state.meta["generation"] == 1
@@ -168,13 +173,13 @@ def test_shared_blobs_are_verified(storage: LocalStorage) -> None:
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
 def test_a_truncated_or_missing_object_rejects_the_generation(storage: LocalStorage, damage: str) -> None:
     saved(storage, 2)
-    path = object_path(storage, 1, "tensors.pt")
+    path = object_path(storage, 1, "tensors.safetensors")
     if damage == "truncate":
         path.write_bytes(path.read_bytes()[:100])
     else:
         path.unlink()
     reason = "does not match its manifest" if damage == "truncate" else "is missing"
-    with pytest.raises(CheckpointError, match=f"gen-000001/tensors.pt {reason}"):
+    with pytest.raises(CheckpointError, match=f"gen-000001/tensors.safetensors {reason}"):
         ckpt.load(storage, RUN, 1)
     generation, _, rejected = ckpt.load_latest([storage], RUN)
     assert generation == 0 and reason in rejected[0]
@@ -182,7 +187,7 @@ def test_a_truncated_or_missing_object_rejects_the_generation(storage: LocalStor
 
 def test_a_damaged_object_is_taken_from_the_other_copy(tmp_path: Path) -> None:
     local, remote = saved(LocalStorage(tmp_path / "local"), 2), saved(LocalStorage(tmp_path / "remote"), 2)
-    flip_a_byte(object_path(local, 1, "tensors.pt"))
+    flip_a_byte(object_path(local, 1, "tensors.safetensors"))
     blob_path(remote, b"shard one of generation 1").unlink()
     generation, state, rejected = ckpt.load_latest([local, remote], RUN)
     assert (generation, rejected) == (1, [])
@@ -198,7 +203,7 @@ def test_the_newest_generation_of_either_location_wins(tmp_path: Path) -> None:
 
 def test_discard_removes_rejected_manifests_so_they_can_be_committed_again(storage: LocalStorage) -> None:
     saved(storage, 4)
-    flip_a_byte(object_path(storage, 3, "tensors.pt"))
+    flip_a_byte(object_path(storage, 3, "tensors.safetensors"))
     flip_a_byte(object_path(storage, 2, "state.json"))
     latest = ckpt.find_latest([storage], RUN)
     assert latest.generation == 1
@@ -232,14 +237,14 @@ def test_a_missing_manifest_means_no_generation(storage: LocalStorage) -> None:
     ("text", "message"),
     [
         ("{not json", "is not valid JSON"),
-        ('{"format": "other/9", "objects": {}}', "is not a evorl-checkpoint/2"),
-        ('{"format": "evorl-checkpoint/1", "objects": {}}', "is not a evorl-checkpoint/2"),
-        ("[1, 2]", "is not a evorl-checkpoint/2"),
-        ('{"format": "evorl-checkpoint/2", "generation": 1}', "is malformed"),
-        ('{"format": "evorl-checkpoint/2", "generation": 0, "objects": {}}', "names generation 0, not 1"),
-        ('{"format": "evorl-checkpoint/2", "generation": 1, "objects": {"state.json": {}}}', "is malformed"),
-        ('{"format": "evorl-checkpoint/2", "generation": 1, "objects": {"a": 1}}', "is malformed"),
-        ('{"format": "evorl-checkpoint/2", "generation": "1", "objects": {}}', "names generation '1', not 1"),
+        ('{"format": "other/9", "objects": {}}', "is not a evorl-checkpoint/3"),
+        ('{"format": "evorl-checkpoint/1", "objects": {}}', "is not a evorl-checkpoint/3"),
+        ("[1, 2]", "is not a evorl-checkpoint/3"),
+        ('{"format": "evorl-checkpoint/3", "generation": 1}', "is malformed"),
+        ('{"format": "evorl-checkpoint/3", "generation": 0, "objects": {}}', "names generation 0, not 1"),
+        ('{"format": "evorl-checkpoint/3", "generation": 1, "objects": {"state.json": {}}}', "is malformed"),
+        ('{"format": "evorl-checkpoint/3", "generation": 1, "objects": {"a": 1}}', "is malformed"),
+        ('{"format": "evorl-checkpoint/3", "generation": "1", "objects": {}}', "names generation '1', not 1"),
     ],
 )
 def test_an_invalid_manifest_rejects_the_generation(storage: LocalStorage, text: str, message: str) -> None:
@@ -253,7 +258,7 @@ def test_an_invalid_manifest_rejects_the_generation(storage: LocalStorage, text:
 
 def test_no_verified_generation_at_all(storage: LocalStorage) -> None:
     saved(storage, 1)
-    flip_a_byte(object_path(storage, 0, "tensors.pt"))
+    flip_a_byte(object_path(storage, 0, "tensors.safetensors"))
     with pytest.raises(CheckpointError, match=r"no verified checkpoint in .*/run \(generation 1 rejected"):
         ckpt.load_latest([storage], RUN)
     with pytest.raises(CheckpointError, match="no verified checkpoint"):
@@ -335,18 +340,60 @@ def test_payload_is_live_when_loaded_unsafely(tmp_path: Path) -> None:
     assert marker.exists()
 
 
-def test_a_tensor_file_that_would_execute_code_is_refused(storage: LocalStorage, tmp_path: Path) -> None:
-    saved(storage, 2)
-    marker = tmp_path / "pwned"
+def _pickle_payloads(marker: Path) -> dict[str, bytes]:
+    """Files that run ``touch marker`` when unpickled: a torch.save file and a plain pickle."""
     buffer = io.BytesIO()
     torch.save({"agent.w": _TouchFile(marker)}, buffer)
-    rewrite_manifest_entry(storage, 1, "tensors.pt", buffer.getvalue())
-    with pytest.raises(CheckpointError, match="tensors.pt holds objects other than tensors"):
+    return {"torch.save": buffer.getvalue(), "pickle": pickle.dumps({"agent.w": _TouchFile(marker)})}
+
+
+def _crafted_tensor_files() -> dict[str, tuple[bytes, str]]:
+    """Tensor files an attacker who can write the bucket might commit, and why each is refused."""
+
+    def file(header: dict[str, object] | bytes, data: bytes, claimed: int | None = None) -> bytes:
+        text = header if isinstance(header, bytes) else json.dumps(header).encode()
+        return struct.pack("<Q", len(text) if claimed is None else claimed) + text + data
+
+    def f32(shape: list[int], begin: int, end: int, dtype: str = "F32") -> dict[str, object]:
+        return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+
+    twice = b'{"agent.w": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}, "agent.w": '
+    twice += b'{"dtype": "U8", "shape": [4], "data_offsets": [4, 8]}}'
+    return {
+        "size-lies": (file({"agent.w": f32([64, 64], 0, 16)}, bytes(16)), "does not take 16 bytes"),
+        "offset-past-the-end": (file({"agent.w": f32([2**28], 0, 2**30)}, bytes(16)), "outside the 16 data bytes"),
+        "header-of-6-GiB": (file({"agent.w": f32([1], 0, 4)}, bytes(4), claimed=6 * 2**30), "claims 6,442,450,944"),
+        "unknown-dtype": (file({"agent.w": f32([1], 0, 4, dtype="OBJECT")}, bytes(4)), "dtype 'OBJECT'"),
+        "duplicate": (file(twice, bytes(8)), "'agent.w' appears twice"),
+        "overlapping": (file({"agent.w": f32([2], 0, 8), "rng.torch": f32([2], 4, 12)}, bytes(12)), "overlaps"),
+    }
+
+
+@pytest.mark.parametrize("payload", ["torch.save", "pickle"])
+def test_a_pickle_payload_renamed_to_the_tensor_file_is_refused_unexecuted(
+    storage: LocalStorage, tmp_path: Path, payload: str
+) -> None:
+    saved(storage, 2)
+    marker = tmp_path / "pwned"
+    rewrite_manifest_entry(storage, 1, ckpt.TENSORS, _pickle_payloads(marker)[payload])
+    with pytest.raises(CheckpointError, match=r"gen-000001/tensors.safetensors refused: not a safetensors file"):
         ckpt.load(storage, RUN, 1)
-    assert not marker.exists()
     generation, _, rejected = ckpt.load_latest([storage], RUN)
-    assert generation == 0 and "refused" in rejected[0]
+    assert generation == 0 and rejected[0].startswith("generation 2 rejected:") and "refused" in rejected[0]
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("crafted", list(_crafted_tensor_files()))
+def test_a_crafted_tensor_file_rejects_the_generation_in_one_line(storage: LocalStorage, crafted: str) -> None:
+    saved(storage, 3)
+    data, reason = _crafted_tensor_files()[crafted]
+    rewrite_manifest_entry(storage, 2, ckpt.TENSORS, data)  # its manifest vouches for it
+    latest = ckpt.find_latest([storage], RUN)
+    assert latest.generation == 1 and latest.checkpoint.meta["generation"] == 1  # the previous verified one
+    [line] = latest.rejected()
+    assert line.startswith("generation 3 rejected: ") and "gen-000002/tensors.safetensors refused" in line
+    assert reason in line and "\n" not in line
+    assert [r.generation for r in latest.discard(RUN)] == [2]  # like any damaged generation
 
 
 def test_a_state_file_that_is_not_json_is_refused(storage: LocalStorage, tmp_path: Path) -> None:

@@ -220,12 +220,12 @@ def test_checkpoints_round_trip_in_the_local_format(storage: GCSStorage) -> None
 def test_a_flipped_byte_in_the_bucket_falls_back_to_the_previous_generation(storage: GCSStorage, bucket: str) -> None:
     for generation in range(3):
         ckpt.save(storage, RUN, generation, sample_checkpoint(generation))
-    key = ckpt.read_manifest(storage, RUN, 2)["objects"]["tensors.pt"]["key"]
+    key = ckpt.read_manifest(storage, RUN, 2)["objects"]["tensors.safetensors"]["key"]
     blob = gcs.Client().bucket(bucket).blob(f"runs/team/{RUN}/{key}")  # behind GCSStorage's back
     data = bytearray(blob.download_as_bytes())
     data[len(data) // 2] ^= 0x01
     blob.upload_from_string(bytes(data))
-    with pytest.raises(CheckpointError, match="gen-000002/tensors.pt does not match its manifest"):
+    with pytest.raises(CheckpointError, match="gen-000002/tensors.safetensors does not match its manifest"):
         ckpt.load(storage, RUN, 2)
     generation, state, rejected = ckpt.load_latest([storage], RUN)
     assert generation == 1 and state.meta["generation"] == 1

@@ -63,7 +63,7 @@ def test_a_damaged_copy_of_a_manifest_does_not_reject_the_generation(store: Stor
 def test_a_damaged_object_on_either_side_is_taken_from_the_other(store: Storage, tmp_path: Path) -> None:
     local = saved(LocalStorage(tmp_path / "local"), 2)
     saved(store, 2)
-    local.write(own_key(local, 1, "tensors.pt"), b"damaged")
+    local.write(own_key(local, 1, "tensors.safetensors"), b"damaged")
     store.write(own_key(store, 1, "state.json"), b"damaged")
     for order in ([local, store], [store, local]):
         latest = ckpt.find_latest(order, RUN)
@@ -75,7 +75,7 @@ def test_a_damaged_object_on_either_side_is_taken_from_the_other(store: Storage,
 
 def test_only_examined_generations_are_discarded(store: Storage) -> None:
     saved(store, 3)
-    store.write(own_key(store, 2, "tensors.pt"), b"damaged")
+    store.write(own_key(store, 2, "tensors.safetensors"), b"damaged")
     latest = ckpt.find_latest([store], RUN)
     assert latest.generation == 1
     ckpt.save(store, RUN, 3, sample_checkpoint(3))  # committed after the listing (or missing from a lagging one)
@@ -135,7 +135,7 @@ def test_a_damaged_manifest_is_reported_and_protects_no_object(store: Storage) -
 
 def test_leftover_generation_folders_without_a_manifest_are_removed(store: Storage) -> None:
     saved(store, 2)
-    store.write(f"{RUN}/gen-000005/tensors.pt", b"an aborted first-layout attempt")
+    store.write(f"{RUN}/gen-000005/tensors.safetensors", b"an aborted first-layout attempt")
     store.write(f"{RUN}/gen-000000/state.json", b"left by a prune cut short")
     store.delete(ckpt.manifest_key(RUN, 0))
     ckpt.prune(store, RUN, keep=3)

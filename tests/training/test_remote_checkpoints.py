@@ -66,7 +66,7 @@ def remote(backend: Backend) -> Storage:
 
 
 def object_key(store: Storage, generation: int, name: str) -> str:
-    """Where a generation's object ``name`` (tensors.pt, state.json) is stored."""
+    """Where a generation's object ``name`` (tensors.safetensors, state.json) is stored."""
     entry = ckpt.read_manifest(store, NAME, generation)["objects"][name]
     return f"{NAME}/{entry.get('key', f'gen-{generation:06d}/{name}')}"
 
@@ -190,7 +190,7 @@ def test_a_damaged_newest_remote_generation_is_rejected_and_the_previous_one_res
     cfg = config(tiny_config, backend, **{"train.generations": 3})
     run_and_upload(cfg)
     store = remote(backend)
-    key = object_key(store, 2, "tensors.pt")
+    key = object_key(store, 2, "tensors.safetensors")
     if damage == "flip":
         flip_a_byte(store, key)
     elif damage == "truncate":
@@ -200,7 +200,7 @@ def test_a_damaged_newest_remote_generation_is_rejected_and_the_previous_one_res
     capsys.readouterr()
     resumed = resume_from_remote_only(cfg, backend)  # reruns generation 3 from generation 2
     out = capsys.readouterr().out
-    assert "generation 3 rejected" in out and "tensors.pt" in out
+    assert "generation 3 rejected" in out and "tensors.safetensors" in out
     assert "resuming run 'remote' after generation 2" in out
     assert_same_run(straight, resumed)
     assert ckpt.load(store, NAME, 2).meta["counters"] == ckpt.load(resumed.storage, NAME, 2).meta["counters"]
@@ -261,10 +261,10 @@ def test_a_checkpoint_crafted_to_execute_code_is_refused(
     marker = tmp_path / "pwned"
     buffer = io.BytesIO()
     torch.save({"agent.w": _TouchFile(marker)}, buffer)
-    rewrite_with_manifest(remote(backend), 1, "tensors.pt", buffer.getvalue())
+    rewrite_with_manifest(remote(backend), 1, "tensors.safetensors", buffer.getvalue())
     capsys.readouterr()
     resumed = resume_from_remote_only(cfg, backend)
-    assert "holds objects other than tensors; refused" in capsys.readouterr().out
+    assert "tensors.safetensors refused: not a safetensors file" in capsys.readouterr().out
     assert resumed.counters.generation == 2  # generation 2 rerun from generation 1
     assert not marker.exists()
 

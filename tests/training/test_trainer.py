@@ -181,7 +181,7 @@ def test_resume_falls_back_past_a_corrupted_checkpoint(tiny_config: TinyConfig, 
     straight = train(tiny_config({**RICH, "train.generations": 3, "run.name": "straight"}))
     stopped = tiny_config({**RICH, "train.generations": 3, "run.name": "stopped"})
     train(stopped)
-    newest = Path(stopped.run.run_dir) / "stopped" / "gen-000002" / "tensors.pt"
+    newest = Path(stopped.run.run_dir) / "stopped" / "gen-000002" / "tensors.safetensors"
     blob = bytearray(newest.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     newest.write_bytes(bytes(blob))
