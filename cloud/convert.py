@@ -58,8 +58,12 @@ def _convert_generation(storage: Storage, run: str, generation: int) -> str:
         return f"generation {generation + 1} is already in {ckpt.FORMAT}"
     prefix = ckpt.generation_prefix(run, generation)
     data = ckpt.read_own_object(storage, run, generation, OLD_TENSORS, manifest["objects"][OLD_TENSORS])
-    tensors = _unpickled_tensors(data, storage.url(f"{prefix}/{OLD_TENSORS}"))
-    encoded = tensorfile.encode(tensors)
+    label = storage.url(f"{prefix}/{OLD_TENSORS}")
+    tensors = _unpickled_tensors(data, label)
+    try:
+        encoded = tensorfile.encode(tensors)
+    except tensorfile.TensorFileError as err:  # a dtype the format does not take
+        raise ckpt.CheckpointError(f"{label}: {err}") from None
     if isinstance(storage, LocalStorage):  # the local layout: the generation's folder
         storage.write(f"{prefix}/{ckpt.TENSORS}", encoded)
         own = ckpt.object_entry(encoded)

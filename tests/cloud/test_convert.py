@@ -150,6 +150,15 @@ def test_convert_never_runs_a_pickle_payload(store: Storage, tmp_path: Path) -> 
     assert ckpt.read_manifest(store, RUN, 1, previous=True)["format"] == ckpt.PREVIOUS_FORMAT  # left as it was
 
 
+def test_convert_refuses_a_dtype_the_format_does_not_take(tmp_path: Path) -> None:
+    store = saved(LocalStorage(tmp_path), 1)
+    buffer = io.BytesIO()
+    torch.save({"agent.w": torch.zeros(2, dtype=torch.complex64)}, buffer)
+    downgrade(store, RUN, 0, payload=buffer.getvalue())
+    [line], complete = convert.convert(store, RUN)
+    assert not complete and line.startswith("generation 1 not converted: ") and "dtype torch.complex64" in line
+
+
 def test_the_command_line_says_one_line_per_generation(tmp_path: Path, capsys: Any) -> None:
     old_run(LocalStorage(tmp_path), 2)
     assert convert.main([str(tmp_path), RUN]) == 0
