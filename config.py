@@ -231,6 +231,9 @@ class DreamerConfig:
     """Each KL term below this many nats gives no gradient."""
     unimix: float = 0.01
     """Uniform mix of the categorical latents' probabilities."""
+    imagine_after: int = 100
+    """World-model updates before its imagination is used for the population (model rollouts and
+    screening): rollouts of an untrained model would teach the members noise."""
     model_rollouts: bool = False
     """MBPO-style data for the other members: after its updates, branched model rollouts from real
     replay states with every member's current actor go to a bounded model buffer (never the replay)."""
@@ -401,7 +404,7 @@ def _validate_dreamer(d: DreamerConfig) -> None:
         _check(getattr(d, name) >= 1, f"dreamer.{name} must be >= 1")
     for name in ("train_ratio", "model_lr", "actor_lr", "critic_lr"):
         _check(getattr(d, name) > 0, f"dreamer.{name} must be > 0")
-    for name in ("model_grad_clip", "ac_grad_clip", "entropy", "kl_dyn", "kl_rep", "free_bits"):
+    for name in ("model_grad_clip", "ac_grad_clip", "entropy", "kl_dyn", "kl_rep", "free_bits", "imagine_after"):
         _check(getattr(d, name) >= 0, f"dreamer.{name} must be >= 0")
     for name in ("gamma", "lam", "return_norm_rate", "slow_critic_rate"):
         _check(0 < getattr(d, name) <= 1, f"dreamer.{name} must be in (0, 1]")

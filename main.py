@@ -109,6 +109,16 @@ def cli(
     """Evolve a population of actor-critic agents that learn from one shared replay buffer.
 
     Every generation ends with a checkpoint in the run folder; --resume continues from it.
+
+    \b
+    Dreamer member (off by default; README "Dreamer member"):
+      --set dreamer.enabled=true        add a DreamerV3-style world-model member that trains
+                                        from the shared replay and acts like a member; costs
+                                        ~1 s per model update on 2 CPU cores (dreamer.size=tiny),
+                                        env steps x dreamer.train_ratio / 1024 updates a generation
+      --set dreamer.size=small|medium|large   bigger models, for a GPU
+      --set dreamer.model_rollouts=true imagined transitions for the other members' micro-batches
+      --set dreamer.screen=true         imagine members' fitness first; play only the promising
     """
     if ctx.invoked_subcommand is not None:
         return

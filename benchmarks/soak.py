@@ -15,6 +15,11 @@ stops early when less than a quarter of the machine's memory is left.
     python benchmarks/soak.py                       # ~25 generations past fill
     python benchmarks/soak.py --quick               # a short smoke run
     python benchmarks/soak.py --compare             # also the injected-leak run, for the ratio
+    python benchmarks/soak.py --quick --after-fill 25 --dreamer   # with the Dreamer member and its uses
+
+``--dreamer`` adds the Dreamer member with model rollouts and screening, used from its first
+update, at a small train ratio (``DREAMER``); its bounded model buffer fills within the first
+generations too, so the fit after fill covers it.
 """
 
 from __future__ import annotations
@@ -37,6 +42,16 @@ from config import build_config  # noqa: E402
 from training import runs  # noqa: E402
 from training.sentinel import spearman, theil_sen  # noqa: E402
 from training.trainer import LeakStop  # noqa: E402
+
+DREAMER = {
+    "dreamer.enabled": True,
+    "dreamer.model_rollouts": True,
+    "dreamer.screen": True,
+    "dreamer.imagine_after": 0,
+    "dreamer.train_ratio": 0.5,
+    "dreamer.model_buffer": 20_000,
+}
+"""The Dreamer member and both uses of its imagination (``--dreamer``)."""
 
 
 def soak(args: argparse.Namespace, inject: bool, run_dir: str) -> dict[str, Any]:
@@ -61,6 +76,7 @@ def soak(args: argparse.Namespace, inject: bool, run_dir: str) -> dict[str, Any]
         "run.progress": False,
         "run.seed": 0,
         "memory.inject_leak": inject,
+        **(DREAMER if args.dreamer else {}),
     }
     trainer = runs.start(build_config("pendulum", extra=extra))
     rows: list[dict[str, float]] = []
@@ -120,6 +136,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small networks and few generations")
     parser.add_argument("--compare", action="store_true", help="also run a few generations with the injected leak")
     parser.add_argument("--leak-generations", type=int, default=3, help="generations of the injected-leak run")
+    parser.add_argument("--dreamer", action="store_true", help="with the Dreamer member, model rollouts, screening")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if args.quick:

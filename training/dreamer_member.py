@@ -87,6 +87,12 @@ class DreamerMember:
 
     # ------------------------------------------------------------ imagination for the population
 
+    @property
+    def imagination_ready(self) -> bool:
+        """Whether the world model has had ``dreamer.imagine_after`` updates (and so its rollouts
+        and screening estimates are used)."""
+        return self.agent.train_steps >= self.cfg.dreamer.imagine_after
+
     def branch_rollouts(self, replay: ReplayBuffer, members: PopulationAgent) -> dict[str, float]:
         """``rollout_starts`` real replay states per member, ``rollout_length`` model steps from each
         with that member's actor (its exploration noise on, as when it acts for real) -> the model
@@ -116,14 +122,16 @@ class DreamerMember:
             "dreamer_rollout_s": time.perf_counter() - started,
         }
 
-    def reward_error(self, replay: ReplayBuffer, horizons: tuple[int, ...] = (1, 5, 10, 15)) -> dict[str, float]:
-        """Imagined vs real reward, open loop: from the first state of 16 real replay sequences the
-        model is fed the real actions; ``dreamer_reward_error_h{h}`` is the mean absolute error of
-        step ``h``'s predicted reward over sequences still in their first episode at that step."""
+    def reward_error(
+        self, replay: ReplayBuffer, horizons: tuple[int, ...] = (1, 5, 10, 15), sequences: int = 16
+    ) -> dict[str, float]:
+        """Imagined vs real reward, open loop: from the first state of ``sequences`` real replay
+        sequences the model is fed the real actions; ``dreamer_reward_error_h{h}`` is the mean absolute
+        error of step ``h``'s predicted reward over sequences still in their first episode there."""
         length = max(horizons)
         if replay.filled_rows < length:
             return {}
-        seq = replay.sample_sequences(16, length, self.rng)
+        seq = replay.sample_sequences(sequences, length, self.rng)
         actions = torch.as_tensor(seq["action"], device=self.device).transpose(0, 1)  # (L, B, act_dim)
         with torch.no_grad():
             roll = self.agent.imagine_rollout(torch.as_tensor(seq["obs"][:, 0], device=self.device), actions, length)

@@ -279,8 +279,8 @@ class Trainer:
 
     def _imagined_fitness(self) -> np.ndarray | None:
         """Every member's imagined fitness ``(P,)``, or None without screening or before the
-        world model's first update."""
-        if self.dreamer is None or not self.cfg.dreamer.screen or self.dreamer.agent.train_steps == 0:
+        world model has had ``dreamer.imagine_after`` updates."""
+        if self.dreamer is None or not self.cfg.dreamer.screen or not self.dreamer.imagination_ready:
             return None
         return self.dreamer.screen(self.replay, self.agent)
 
@@ -334,7 +334,7 @@ class Trainer:
             return {"dreamer_updates": 0.0}
         out = self.dreamer.train(self.replay, updates, lambda: self._safe_point(bar, "dreamer"))
         out |= self.dreamer.reward_error(self.replay)
-        if d.model_rollouts and out["dreamer_finite"]:
+        if d.model_rollouts and out["dreamer_finite"] and self.dreamer.imagination_ready:
             out |= self.dreamer.branch_rollouts(self.replay, self.agent)
         return out
 

@@ -19,8 +19,9 @@ from training.report import status_block
 
 TinyConfig = Callable[..., Config]
 
-ROLLOUTS = {**DREAMER, "dreamer.model_rollouts": True, "dreamer.rollout_starts": 8, "dreamer.rollout_length": 3}
-SCREEN = {**DREAMER, "dreamer.screen": True, "dreamer.screen_starts": 8, "dreamer.screen_check_every": 3}
+IMAGINE = {**DREAMER, "dreamer.imagine_after": 1}
+ROLLOUTS = {**IMAGINE, "dreamer.model_rollouts": True, "dreamer.rollout_starts": 8, "dreamer.rollout_length": 3}
+SCREEN = {**IMAGINE, "dreamer.screen": True, "dreamer.screen_starts": 8, "dreamer.screen_check_every": 3}
 
 
 def test_model_rollouts_fill_a_bounded_model_buffer_the_members_learn_from(tiny_config: TinyConfig) -> None:
@@ -35,6 +36,14 @@ def test_model_rollouts_fill_a_bounded_model_buffer_the_members_learn_from(tiny_
     assert used > 0 and used == trainer.counters.model_micro_batches * trainer.population * trainer.cfg.agent.batch_size
     assert all(r["dreamer_model_added"] > 0 for r in records if r["dreamer_updates"] > 0)
     assert math.isfinite(records[-1]["dreamer_reward_error_h1"])
+
+
+def test_imagination_waits_for_the_world_models_first_imagine_after_updates(tiny_config: TinyConfig) -> None:
+    trainer = train(tiny_config({**ROLLOUTS, **SCREEN, "dreamer.imagine_after": 1000, "train.generations": 2}))
+    assert trainer.dreamer is not None and trainer.dreamer.agent.train_steps > 0
+    assert trainer.dreamer.model_buffer is not None and len(trainer.dreamer.model_buffer) == 0
+    assert trainer.counters.model_micro_batches == 0
+    assert not any("screen_evaluated" in r for r in metrics(trainer.cfg))
 
 
 def test_the_model_fraction_of_micro_batches_is_spread_evenly_over_updates(tiny_config: TinyConfig) -> None:
