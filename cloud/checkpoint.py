@@ -218,13 +218,17 @@ class Latest:
     failed: list[Rejected]
 
     def messages(self) -> list[str]:
-        """One line per rejected newer generation, and one per damaged copy of the chosen one."""
+        """One line per rejected newer generation, and one each for the damaged and the
+        previous-format copies of the chosen one."""
         lines = self.rejected()
-        if damaged := [r.reason for r in self.failed if r.generation == self.generation]:
-            lines.append(
-                f"a copy of generation {self.generation + 1} is damaged ({'; '.join(damaged)}); "
-                f"using the one in {self.source.url('')}"
-            )
+        for old, what in ((False, "is damaged"), (True, "is of the previous format")):
+            if copies := [
+                r.reason for r in self.failed if r.generation == self.generation and r.previous_format == old
+            ]:
+                lines.append(
+                    f"a copy of generation {self.generation + 1} {what} ({'; '.join(copies)}); "
+                    f"using the one in {self.source.url('')}"
+                )
         return lines
 
     def rejected(self) -> list[str]:

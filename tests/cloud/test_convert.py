@@ -103,6 +103,16 @@ def test_retention_keeps_the_objects_of_a_previous_format_generation(store: Stor
             assert store.exists(key) or store.exists(f"{RUN}/{ckpt.OBJECTS}/{entry['sha256']}"), key
 
 
+def test_a_converted_copy_is_used_and_the_unconverted_one_named(store: Storage, tmp_path: Path) -> None:
+    local = saved(LocalStorage(tmp_path / "local"), 2)
+    old_run(store, 2)  # the bucket's copy not converted yet
+    latest = ckpt.find_latest([store, local], RUN)
+    assert (latest.generation, latest.source) == (1, local)
+    [line] = latest.messages()
+    assert line.startswith("a copy of generation 2 is of the previous format (") and "python -m cloud.convert" in line
+    assert latest.discard(RUN) == [] and ckpt.generations(store, RUN) == [1, 0]
+
+
 # ---------------------------------------------------------------- the converter
 
 
