@@ -4,7 +4,19 @@ from pathlib import Path
 
 import pytest
 
-from config import DEFAULT_PRESET, PRESETS, Config, UserError, build_config, changed_keys, from_dict
+from agents.sac_discrete import DiscreteSACPopulation
+from agents.td3 import TD3Population
+from config import (
+    DEFAULT_PRESET,
+    EVOLVABLE,
+    PRESETS,
+    AgentConfig,
+    Config,
+    UserError,
+    build_config,
+    changed_keys,
+    from_dict,
+)
 
 # ---------------------------------------------------------------- presets
 
@@ -113,6 +125,10 @@ def test_wrong_type_is_refused_naming_the_key(override: str, message: str) -> No
         ("evolution.mutation_fraction=-0.1", "evolution.mutation_fraction"),
         ("evolution.gamma_bounds=[1]", "evolution.gamma_bounds"),
         ("agent.tau=0.2", "evolution.tau_bounds"),
+        ("agent.target_entropy=0", "agent.target_entropy"),
+        ("agent.target_entropy=0.99", "evolution.target_entropy_bounds"),
+        ("agent.initial_alpha=0", "agent.initial_alpha"),
+        ("agent.alpha_lr=-1", "agent.alpha_lr"),
         ("run.keep_checkpoints=0", "run.keep_checkpoints"),
         ("run.device=tpu", "run.device"),
     ],
@@ -220,6 +236,20 @@ def test_hash_changes_with_a_key_that_changes_what_a_checkpoint_means(override: 
 )
 def test_hash_ignores_run_keys_and_the_generation_count(override: str) -> None:
     assert build_config("debug", overrides=[override]).hash() == build_config("debug").hash()
+
+
+def test_configs_written_before_discrete_actions_keep_their_hash() -> None:
+    # The hashes the code before agent.target_entropy, initial_alpha, alpha_lr and
+    # evolution.target_entropy_bounds computed (agent.algorithm was td3 then): those checkpoints resume.
+    assert build_config("debug", extra={"agent.algorithm": "td3"}).hash() == "2349b8541de9263b"
+    assert build_config("pendulum", extra={"agent.algorithm": "td3"}).hash() == "97d4285192ad42d9"
+    for override in ("agent.target_entropy=0.3", "agent.alpha_lr=0.001", "evolution.target_entropy_bounds=[0.1, 0.9]"):
+        assert build_config("debug", overrides=[override]).hash() != build_config("debug").hash(), override
+
+
+def test_every_bounded_hyperparameter_is_an_agent_key() -> None:
+    assert set(EVOLVABLE) >= {*TD3Population.HYPERPARAMETERS, *DiscreteSACPopulation.HYPERPARAMETERS}
+    assert all(hasattr(AgentConfig(), name) for name in EVOLVABLE)
 
 
 def test_changed_keys_lists_dotted_keys_that_differ() -> None:
