@@ -467,6 +467,13 @@ PRESETS: dict[str, dict[str, Any]] = {
             "warmup_steps": 2_000,
         },
     },
+    "pong": {
+        # Issue 14's incident shape: Atari Pong (the atari extra), 84x84x4 frames, replay 50,000, Dreamer
+        # batch 16 x sequence 50. Members need CNN encoders for pixels, not yet there: the trainer refuses it.
+        "env": {"id": "ALE/Pong-v5"},
+        "replay": {"capacity": 50_000},
+        "dreamer": {"batch_size": 16, "seq_len": 50},
+    },
     "halfcheetah": {
         "env": {"id": "HalfCheetah-v5"},
         "replay": {"capacity": 1_000_000},

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import gymnasium as gym
 import numpy as np
-from gymnasium.wrappers import TimeLimit
+from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation, TimeLimit
 
 from config import EnvConfig, UserError
 
@@ -20,6 +20,13 @@ SUPPORTED = "flat Box observations (1-D vectors); Box actions with finite bounds
 DEFAULT_EPISODE_LIMIT = 1_000
 """Time limit given to an environment that has none of its own when ``env.max_episode_steps`` is 0,
 so evaluation (which runs whole episodes) always ends."""
+
+ATARI_PREFIX = "ALE/"
+ATARI_INSTALL = 'pip install -e ".[atari]"'
+ATARI_FRAME_SKIP = 4
+ATARI_STACK = 4
+ATARI_EPISODE_LIMIT = 108_000 // ATARI_FRAME_SKIP
+"""Agent steps in the ALE v5 ids' own limit of 108,000 emulator frames (30 minutes of play)."""
 
 
 def make_env(cfg: EnvConfig) -> gym.Env:
@@ -46,7 +53,34 @@ def episode_limit(env: gym.Env) -> int | None:
     return limit
 
 
+def make_atari(env_id: str, max_episode_steps: int = 0) -> gym.Env:
+    """An ``ALE/...-v5`` id with the standard preprocessing, from gymnasium's own wrappers: the v5
+    env at ``frameskip=1`` (sticky actions as v5 defines them, ``repeat_action_probability=0.25``),
+    ``AtariPreprocessing`` (up to 30 no-op steps at reset, frame skip 4 with a max over the last two
+    frames, 84x84 grayscale), ``FrameStackObservation`` of 4 (reset padding), then a ``TimeLimit``
+    in agent steps (``max_episode_steps``, or the v5 ids' own 108,000 frames). Observations are
+    ``(4, 84, 84)`` uint8, oldest frame first. UserError without the ``atari`` extra."""
+    try:
+        import ale_py
+    except ImportError:
+        raise UserError(f"env {env_id!r} needs ale-py for Atari games: {ATARI_INSTALL}") from None
+    ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)  # no emulator banner on stderr
+    gym.register_envs(ale_py)
+    try:
+        env = gym.make(env_id, frameskip=1)
+    except gym.error.Error as err:
+        raise UserError(f"unknown environment {env_id!r}: {str(err).splitlines()[0]}") from None
+    try:
+        env = AtariPreprocessing(env, noop_max=30, frame_skip=ATARI_FRAME_SKIP, screen_size=84, grayscale_obs=True)
+    except gym.error.DependencyNotInstalled:  # opencv, which the extra installs with ale-py
+        raise UserError(f"env {env_id!r} needs opencv for Atari preprocessing: {ATARI_INSTALL}") from None
+    env = FrameStackObservation(env, ATARI_STACK)
+    return TimeLimit(env, max_episode_steps=max_episode_steps or ATARI_EPISODE_LIMIT)
+
+
 def _instantiate(env_id: str, max_episode_steps: int) -> gym.Env:
+    if env_id.startswith(ATARI_PREFIX):
+        return make_atari(env_id, max_episode_steps)
     if ":" in env_id and not env_id.startswith(":"):
         module_name, _, class_name = env_id.partition(":")
         if os.getcwd() not in sys.path:
@@ -79,6 +113,11 @@ def _instantiate(env_id: str, max_episode_steps: int) -> gym.Env:
 def check_spaces(env: gym.Env, env_id: str) -> None:
     """Raise UserError unless the spaces are ones this trainer supports."""
     obs, act = env.observation_space, env.action_space
+    if isinstance(obs, gym.spaces.Box) and len(obs.shape) in (2, 3):
+        raise UserError(
+            f"env {env_id!r} has image observations {obs}; image observations need CNN members "
+            f"(not yet supported); supported: {SUPPORTED}"
+        )
     if not (isinstance(obs, gym.spaces.Box) and len(obs.shape) == 1):
         raise UserError(f"env {env_id!r} has observation space {obs}; supported: {SUPPORTED}")
     if isinstance(act, gym.spaces.Discrete):

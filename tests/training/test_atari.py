@@ -1,0 +1,91 @@
+"""Atari ids through ale-py: gymnasium's own preprocessing, and the one-line refusals."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation
+
+from config import EnvConfig, UserError, build_config
+from training.envs import ATARI_EPISODE_LIMIT, ATARI_INSTALL, episode_limit, make_atari, make_env
+
+pytest.importorskip("ale_py")
+
+
+def wrappers(env: gym.Env) -> list[type]:
+    found = []
+    while isinstance(env, gym.Wrapper):
+        found.append(type(env))
+        env = env.env
+    return found
+
+
+def test_pong_is_built_with_gymnasiums_own_wrappers() -> None:
+    env = make_atari("ALE/Pong-v5")
+    assert env.observation_space.shape == (4, 84, 84) and env.observation_space.dtype == np.uint8
+    assert env.action_space == gym.spaces.Discrete(6)
+    kinds = wrappers(env)
+    assert AtariPreprocessing in kinds and FrameStackObservation in kinds
+    pre = next(w for w in _chain(env) if isinstance(w, AtariPreprocessing))
+    assert (pre.frame_skip, pre.noop_max, pre.screen_size, pre.grayscale_obs) == (4, 30, (84, 84), True)
+    ale = env.unwrapped
+    assert ale._frameskip == 1  # the preprocessing skips frames, not the emulator
+    assert ale.ale.getFloat("repeat_action_probability") == pytest.approx(0.25)  # v5's sticky actions
+    assert episode_limit(env) == ATARI_EPISODE_LIMIT == 27_000
+    assert episode_limit(make_atari("ALE/Pong-v5", max_episode_steps=100)) == 100
+    obs, _ = env.reset(seed=0)
+    assert all(np.array_equal(obs[0], obs[i]) for i in range(4))  # reset padding: the first frame, 4 times
+    nxt = env.step(0)[0]
+    assert np.array_equal(nxt[:3], obs[1:]) and nxt.dtype == np.uint8
+    env.close()
+
+
+def _chain(env: gym.Env) -> list[gym.Env]:
+    chain = []
+    while isinstance(env, gym.Wrapper):
+        chain.append(env)
+        env = env.env
+    return chain
+
+
+def test_an_atari_id_without_the_extra_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ale_py", None)  # import ale_py now raises ImportError
+    with pytest.raises(UserError) as refused:
+        make_env(EnvConfig(id="ALE/Pong-v5"))
+    message = str(refused.value)
+    assert "\n" not in message and message.endswith(ATARI_INSTALL) and ATARI_INSTALL == 'pip install -e ".[atari]"'
+
+
+def test_an_unknown_atari_game_is_one_line() -> None:
+    with pytest.raises(UserError, match="unknown environment 'ALE/NoSuchGame-v5'") as refused:
+        make_env(EnvConfig(id="ALE/NoSuchGame-v5"))
+    assert "\n" not in str(refused.value)
+
+
+def test_image_observations_are_refused_for_the_population_for_now() -> None:
+    with pytest.raises(UserError, match=r"image observations need CNN members \(not yet supported\)") as refused:
+        make_env(EnvConfig(id="ALE/Pong-v5"))
+    assert "\n" not in str(refused.value)
+
+
+def test_the_pong_preset_is_the_incidents_shape_and_is_refused_in_one_line(
+    run_cli: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    cfg = build_config("pong")
+    assert (cfg.env.id, cfg.replay.capacity, cfg.dreamer.batch_size, cfg.dreamer.seq_len) == (
+        "ALE/Pong-v5",
+        50_000,
+        16,
+        50,
+    )
+    result = run_cli("--preset", "pong", "--run-dir", str(tmp_path / "runs"))
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1 and "not yet supported" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
