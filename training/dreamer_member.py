@@ -30,6 +30,15 @@ MODEL_BUFFER = f"{PREFIX}model_buffer."
 """Name prefix of the model buffer's tensors in a checkpoint."""
 
 
+def toggle_refused(what: str, key: str, saved: bool) -> ValueError:
+    """The one-line error for a checkpoint written with(out) ``what`` resumed the other way round."""
+    written = "with" if saved else "without"
+    return ValueError(
+        f"the checkpoint was written {written} {what}; resume it with {key}={str(saved).lower()} "
+        "(that state cannot be added or dropped)"
+    )
+
+
 class DreamerMember:
     """Owns a :class:`DreamerAgent`, its ``env.envs_per_member`` environments and the train-ratio
     carry. Acting and evaluation run under ``no_grad`` with detached filter state (``agent.act``)."""
@@ -218,11 +227,7 @@ class DreamerMember:
     def _load_model_buffer(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         saved = meta.get("model_buffer")
         if (saved is None) != (self.model_buffer is None):
-            written = "with" if saved is not None else "without"
-            raise ValueError(
-                f"the checkpoint was written {written} dreamer.model_rollouts; resume it with "
-                f"dreamer.model_rollouts={str(saved is not None).lower()}"
-            )
+            raise toggle_refused("model rollouts", "dreamer.model_rollouts", saved is not None)
         if self.model_buffer is not None and saved is not None:
             own = {name[len(MODEL_BUFFER) :]: t for name, t in tensors.items() if name.startswith(MODEL_BUFFER)}
             self.model_buffer.load_state(own, saved)

@@ -19,7 +19,7 @@ from cloud.storage import Storage, StorageError
 from cloud.upload import Uploader
 from config import Config, UserError
 from training import oom
-from training.dreamer_member import DreamerMember
+from training.dreamer_member import DreamerMember, toggle_refused
 from training.envs import EnvPool, make_env
 from training.evolution import Evolution
 from training.replay import PackedStreams, ReplayBuffer
@@ -575,11 +575,7 @@ class Trainer:
         reverse, or the member's shapes differ."""
         saved = state.meta.get("dreamer")
         if (saved is None) != (self.dreamer is None):
-            written = "with" if saved is not None else "without"
-            raise ValueError(
-                f"the checkpoint was written {written} the Dreamer member; resume it with "
-                f"dreamer.enabled={str(saved is not None).lower()} (the member's state cannot be added or dropped)"
-            )
+            raise toggle_refused("the Dreamer member", "dreamer.enabled", saved is not None)
         if self.dreamer is not None and saved is not None:
             self.dreamer.load_state(state.tensors, saved)
 

@@ -61,14 +61,20 @@ def test_the_dreamer_members_episodes_are_not_added_to_the_replay(tiny_config: T
     assert trainer.counters.env_steps > without.counters.env_steps  # its steps are counted
 
 
-def test_the_dreamer_member_leaves_no_graph_at_the_generation_boundary(tiny_config: TinyConfig) -> None:
-    trainer = runs.start(tiny_config({**DREAMER, "train.generations": 3}))
+def run_without_graphs(cfg: Config) -> Trainer:
+    """Run ``cfg``'s generations, asserting that no tensor holds a graph at each boundary."""
+    trainer = runs.start(cfg)
     try:
-        for generation in range(3):
+        for generation in range(cfg.train.generations):
             trainer.run_generation(generation)
             assert not tensors_with_graph()
     finally:
         trainer.close()
+    return trainer
+
+
+def test_the_dreamer_member_leaves_no_graph_at_the_generation_boundary(tiny_config: TinyConfig) -> None:
+    trainer = run_without_graphs(tiny_config({**DREAMER, "train.generations": 3}))
     assert trainer.dreamer is not None and trainer.dreamer.agent.train_steps > 0
     cached = trainer.dreamer.agent._act_state  # the acting filter state is kept detached
     assert cached is not None and not any(t.requires_grad for t in cached.values())
