@@ -118,14 +118,56 @@ def test_cuda_tensors_round_trip_to_the_cpu() -> None:
     round_trip(tensors)
 
 
-def test_the_file_is_a_standard_safetensors_file() -> None:
-    tensors = {"a": torch.randn(3, 2), "b": torch.arange(4), "c": torch.tensor(True)}
-    assert_bit_equal(safetensors.torch.load(tensorfile.encode(tensors)), tensors)
+EVERY_KIND = {
+    "f32": torch.randn(3, 2).t(),
+    "f64": torch.randn(2, dtype=torch.float64),
+    "f16": torch.randn(3).half(),
+    "bf16": torch.randn(5).bfloat16(),
+    "i64": torch.arange(4),
+    "i32": torch.arange(3, dtype=torch.int32),
+    "i16": torch.arange(3, dtype=torch.int16),
+    "i8": torch.arange(-3, 3, dtype=torch.int8),
+    "u8": torch.arange(7, dtype=torch.uint8),
+    "bool": torch.tensor([True, False, True]),
+    "scalar": torch.tensor(True),
+    "empty": torch.zeros(0, 3),
+}
 
 
-def test_a_dtype_outside_the_allow_list_is_not_written() -> None:
-    with pytest.raises(TensorFileError, match="'z' has dtype torch.complex64"):
-        tensorfile.encode({"z": torch.zeros(2, dtype=torch.complex64)})
+def test_the_safetensors_library_reads_the_file_exactly() -> None:
+    # safetensors before 0.5 cannot load an empty tensor, even from a file it wrote itself
+    kinds = EVERY_KIND if _library_reads_empty_tensors() else {k: t for k, t in EVERY_KIND.items() if t.numel()}
+    assert_bit_equal(safetensors.torch.load(tensorfile.encode(kinds)), kinds)
+
+
+def _library_reads_empty_tensors() -> bool:
+    try:
+        safetensors.torch.load(safetensors.torch.save({"empty": torch.zeros(0)}))
+    except ValueError:
+        return False
+    return True
+
+
+def test_a_file_the_safetensors_library_wrote_is_read_exactly() -> None:
+    contiguous = {name: t.contiguous() for name, t in EVERY_KIND.items()}
+    data = safetensors.torch.save(contiguous, metadata={"format": "pt"})
+    assert_bit_equal(tensorfile.decode(data), contiguous)
+
+
+def test_every_tensor_is_aligned_to_its_item_size() -> None:
+    data = tensorfile.encode(EVERY_KIND)
+    size = int.from_bytes(data[:8], "little")
+    assert (8 + size) % 8 == 0
+    for name, entry in json.loads(data[8 : 8 + size]).items():
+        assert entry["data_offsets"][0] % EVERY_KIND[name].element_size() == 0, name
+
+
+@pytest.mark.parametrize(
+    "name, tensor", [("z", torch.zeros(2, dtype=torch.complex64)), ("__metadata__", torch.zeros(1))]
+)
+def test_a_tensor_the_format_cannot_hold_is_not_written(name: str, tensor: torch.Tensor) -> None:
+    with pytest.raises(TensorFileError, match=re.escape(f"tensor {name!r} of dtype {tensor.dtype} cannot be stored")):
+        tensorfile.encode({name: tensor})
 
 
 # ---------------------------------------------------------------- crafted files
