@@ -65,9 +65,10 @@ class AgentConfig:
     """Actor and target updates happen every this many critic updates."""
     max_grad_norm: float = 0.0
     """Per-member gradient norm clip; 0 disables. Never mixes members."""
-    target_entropy: float = 0.5
+    target_entropy: float = 0.2
     """``sac_discrete``: initial policy entropy each member's temperature is tuned to hold, as a fraction
-    of the largest, ``log(actions)`` (per member; evolution may perturb it)."""
+    of the largest, ``log(actions)`` (per member; evolution may perturb it). 0.2 on CartPole-v1: with 0.5
+    seed 1 stayed near a held-out 200 for 40k env steps, with 0.2 it reached 500 at 6.9k."""
     initial_alpha: float = 0.2
     """``sac_discrete``: initial entropy temperature of every member."""
     alpha_lr: float = 3e-4
@@ -455,9 +456,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "cartpole": {
         # Discrete actions (agent.algorithm auto -> sac_discrete); benchmarks/learning.py --preset cartpole.
+        # gamma 0.995: a horizon of 200 steps sees a slow drift off the track coming (with 0.99 seed 2
+        # plateaued near a held-out 300 for 76k env steps; with 0.995 it reached 490 at 7.2k).
         "env": {"id": "CartPole-v1"},
         "population": 8,
-        "agent": {"hidden_sizes": [64, 64], "batch_size": 128, "actor_lr": 1e-3, "critic_lr": 1e-3},
+        "agent": {"hidden_sizes": [64, 64], "batch_size": 128, "actor_lr": 1e-3, "critic_lr": 1e-3, "gamma": 0.995},
         "replay": {"capacity": 100_000},
         "train": {
             "generations": 40,
