@@ -73,6 +73,15 @@ class AgentConfig:
     """``sac_discrete``: initial entropy temperature of every member."""
     alpha_lr: float = 3e-4
     """``sac_discrete``: Adam learning rate of each member's log-temperature."""
+    fast_update: bool = True
+    """``td3``: the fused population update (the micro-batches as one batch, the twin critics as one
+    network of 2P rows, one fused Adam step per optimizer); false runs the eager one (micro-batch by
+    micro-batch, parameter by parameter: the benchmark's baseline, for debugging). The two agree up
+    to float rounding; how, not what, so it is not part of the config hash and a resume may change it."""
+    compile: str = "none"
+    """``td3`` with ``fast_update``: ``torch.compile`` mode of the fused update's tensor functions:
+    ``none``, ``default``, ``reduce-overhead`` (CUDA graphs on a GPU) or ``max-autotune``. Compiling
+    takes tens of seconds on a small CPU (``benchmarks/population_update.py`` measures it); not hashed."""
 
 
 @dataclass
@@ -287,6 +296,9 @@ class Config:
             section, leaf = key.split(".")
             if meaning[section][leaf] == defaults[section][leaf]:
                 del meaning[section][leaf]
+        for key in HOW_KEYS:
+            section, leaf = key.split(".")
+            del meaning[section][leaf]
         if not meaning["dreamer"]["enabled"]:
             del meaning["dreamer"]  # checkpoints from before the Dreamer member keep their hash
         del meaning["train"]["generations"]
@@ -309,6 +321,8 @@ class Config:
         for name in ("exploration_noise", "policy_noise", "noise_clip", "max_grad_norm"):
             _check(getattr(a, name) >= 0, f"agent.{name} must be >= 0")
         _check(a.policy_delay >= 1, "agent.policy_delay must be >= 1")
+        modes = ("none", "default", "reduce-overhead", "max-autotune")
+        _check(a.compile in modes, f"agent.compile must be one of {', '.join(modes)}, got {a.compile!r}")
         _check(self.replay.capacity >= a.batch_size, "replay.capacity must be >= agent.batch_size")
         _check(t.generations >= 1, "train.generations must be >= 1")
         for name in ("steps_per_generation", "updates_per_generation", "warmup_steps"):
@@ -373,6 +387,9 @@ hyperparameters (``PopulationAgent.HYPERPARAMETERS``) are drawn from these."""
 ADDED_KEYS = ("agent.target_entropy", "agent.initial_alpha", "agent.alpha_lr", "evolution.target_entropy_bounds")
 """Keys added after checkpoints were first written (with discrete actions): :meth:`Config.hash`
 leaves them out while they hold their defaults, so those checkpoints still resume."""
+
+HOW_KEYS = ("agent.fast_update", "agent.compile")
+"""Keys that choose how the same computation runs, not what it computes: never in :meth:`Config.hash`."""
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

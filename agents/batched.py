@@ -32,12 +32,27 @@ class BatchedLinear(nn.Module):
             self.bias[i].uniform_(-bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.weight.shape[2] == 1 and x.shape[1] >= 32:
-            # A (B, in) @ (in, 1) product per member is a slow batched-matmul shape on CPU for
-            # training batches; a broadcast multiply and a sum do the same arithmetic several times
-            # faster. For a few rows (acting) one baddbmm call is cheaper than three.
-            return (x * self.weight.transpose(1, 2)).sum(-1, keepdim=True) + self.bias
-        return torch.baddbmm(self.bias, x, self.weight)
+        return linear(x, self.weight, self.bias)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """``R`` independent linear layers: ``x (R, B, in)``, ``weight (R, in, out)``, ``bias (R, 1, out)``
+    -> ``(R, B, out)``."""
+    if weight.shape[2] == 1 and x.shape[1] >= 32:
+        # A (B, in) @ (in, 1) product per member is a slow batched-matmul shape on CPU for
+        # training batches; a broadcast multiply and a sum do the same arithmetic several times
+        # faster. For a few rows (acting) one baddbmm call is cheaper than three.
+        return (x * weight.transpose(1, 2)).sum(-1, keepdim=True) + bias
+    return torch.baddbmm(bias, x, weight)
+
+
+def mlp(x: Tensor, layers: Sequence[Sequence[Tensor]]) -> Tensor:
+    """The forward pass of :class:`BatchedMLP` on explicit ``[weight, bias]`` pairs (e.g. views of a
+    :class:`FlatParameters`): ``(R, B, in) -> (R, B, out)``, ReLU between layers."""
+    for weight, bias in layers[:-1]:
+        x = linear(x, weight, bias).relu_()
+    weight, bias = layers[-1]
+    return linear(x, weight, bias)
 
 
 class BatchedMLP(nn.Module):
@@ -97,13 +112,14 @@ class BatchedAdam:
         squares = [p.grad.pow(2).flatten(1).sum(1) for p in self.params if p.grad is not None]
         return torch.stack(squares).sum(0).sqrt()
 
-    @torch.no_grad()
-    def step(self) -> Tensor:
-        """Apply one update to every member; returns the per-member grad norm ``(P,)`` before clipping."""
-        norms = self.grad_norms()
-        scale = torch.ones_like(norms)
+    def _clip_scale(self, norms: Tensor) -> Tensor:
+        """Per-member gradient factor ``(P,)`` of the norm clip (ones without clipping)."""
         if self.max_grad_norm > 0:
-            scale = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+            return (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        return torch.ones_like(norms)
+
+    def _advance(self) -> tuple[Tensor, Tensor]:
+        """Count one step; returns per-member ``(step_size, correction2)``, each ``(P,)``."""
         beta1, beta2 = self.betas
         self.step_count += 1
         # Bias corrections in double precision, like torch.optim.Adam: in float32, 1 - 0.999**t is
@@ -111,7 +127,15 @@ class BatchedAdam:
         steps = self.step_count.double()
         correction1 = (1 - beta1**steps).to(self.lr.dtype)
         correction2 = (1 - beta2**steps).to(self.lr.dtype)
-        step_size = self.lr / correction1
+        return self.lr / correction1, correction2
+
+    @torch.no_grad()
+    def step(self) -> Tensor:
+        """Apply one update to every member; returns the per-member grad norm ``(P,)`` before clipping."""
+        norms = self.grad_norms()
+        scale = self._clip_scale(norms)
+        beta1, beta2 = self.betas
+        step_size, correction2 = self._advance()
         for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
             if p.grad is None:
                 continue
@@ -129,3 +153,98 @@ class BatchedAdam:
             state[f"exp_avg.{i}"] = m
             state[f"exp_avg_sq.{i}"] = v
         return state
+
+
+class FlatParameters:
+    """The parameters of ``G`` same-shaped :class:`BatchedMLP` s of ``P`` members in one ``(G * P, N)``
+    tensor ``flat``, module ``g`` in rows ``g * P .. (g + 1) * P`` and each parameter in its own
+    columns. The modules' parameters become views of their rows (same names, shapes and values), so
+    everything that uses the modules (and member row copies) works unchanged, while a whole group
+    can step in a few tensor ops and twin networks can run as one batched network of ``G * P`` rows.
+
+    The modules must not be moved (``.to``) afterwards: that would replace the views with copies.
+    """
+
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        first = list(modules[0].parameters())
+        self.population, self.groups = first[0].shape[0], len(modules)
+        self.shapes = [tuple(p.shape[1:]) for p in first]
+        sizes = [math.prod(shape) for shape in self.shapes]
+        self.columns = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(sizes))]
+        self.flat = torch.empty(self.groups * self.population, sum(sizes), dtype=first[0].dtype, device=first[0].device)
+        self.parameters: list[nn.Parameter] = []
+        """Every module's parameters, module by module: the views, in ``module.parameters()`` order."""
+        for g, module in enumerate(modules):
+            named = list(module.named_parameters())
+            if [tuple(p.shape) for _, p in named] != [(self.population, *s) for s in self.shapes]:
+                raise ValueError("FlatParameters needs modules of identical parameter shapes")
+            for (name, p), view in zip(named, self.views(self.flat, g), strict=True):
+                owner, _, attr = name.rpartition(".")
+                view.copy_(p.detach())
+                alias = nn.Parameter(view, requires_grad=p.requires_grad)
+                setattr(module.get_submodule(owner), attr, alias)
+                self.parameters.append(alias)
+
+    def views(self, tensor: Tensor, group: int | None = None) -> list[Tensor]:
+        """Per-parameter views of a ``(G * P, N)`` tensor laid out like ``flat``: ``(P, *shape)`` of
+        module ``group``'s rows, or ``(G * P, *shape)`` of all rows when ``group`` is None."""
+        rows = slice(None) if group is None else slice(group * self.population, (group + 1) * self.population)
+        return [tensor[rows, a:b].view(-1, *shape) for (a, b), shape in zip(self.columns, self.shapes, strict=True)]
+
+    def member_views(self, tensor: Tensor) -> list[Tensor]:
+        """Every module's ``(P, *shape)`` views of ``tensor``, module by module (like :attr:`parameters`)."""
+        return [view for g in range(self.groups) for view in self.views(tensor, g)]
+
+    def layers(self, tensor: Tensor, group: int | None = None) -> list[list[Tensor]]:
+        """:meth:`views` as ``[weight, bias]`` pairs, one per layer, for :func:`mlp`."""
+        views = self.views(tensor, group)
+        return [views[i : i + 2] for i in range(0, len(views), 2)]
+
+    def leaves(self) -> list[Tensor]:
+        """Fresh autograd leaves viewing all ``G * P`` rows of ``flat``, one per parameter ``(G * P, *shape)``,
+        for gradients by ``torch.autograd.grad`` (the module parameters' ``.grad`` is not touched)."""
+        return [view.detach().requires_grad_(True) for view in self.views(self.flat)]
+
+    @staticmethod
+    def gather(grads: Sequence[Tensor]) -> Tensor:
+        """Per-parameter ``(G * P, *shape)`` gradients -> one ``(G * P, N)`` tensor laid out like ``flat``."""
+        return torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1)
+
+
+class FlatAdam(BatchedAdam):
+    """:class:`BatchedAdam` over a :class:`FlatParameters`: the moments are ``(G * P, N)`` tensors and
+    ``exp_avg``/``exp_avg_sq`` their per-parameter views, so ``state_tensors()`` (names, shapes) and the
+    per-parameter :meth:`step` are unchanged; :meth:`fused_step` does the same update in a few ops on
+    the flat tensors. ``lr`` and ``step`` stay ``(P,)``: the ``G`` modules of a member share them."""
+
+    def __init__(
+        self,
+        flat: FlatParameters,
+        lr: Tensor,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        max_grad_norm: float = 0.0,
+    ) -> None:
+        super().__init__(flat.parameters, lr, betas, eps, max_grad_norm)
+        self.flat = flat
+        self.flat_exp_avg = torch.zeros_like(flat.flat)
+        self.flat_exp_avg_sq = torch.zeros_like(flat.flat)
+        self.exp_avg = flat.member_views(self.flat_exp_avg)
+        self.exp_avg_sq = flat.member_views(self.flat_exp_avg_sq)
+
+    @torch.no_grad()
+    def fused_step(self, grad: Tensor) -> Tensor:
+        """One update from ``grad`` ``(G * P, N)`` (laid out like ``flat``); returns the per-member
+        grad norm ``(P,)`` before clipping. Elementwise it is exactly :meth:`step`."""
+        groups = self.flat.groups
+        norms = grad.square().view(groups, self.flat.population, -1).sum(2).sum(0).sqrt()
+        if self.max_grad_norm > 0:
+            grad = grad * self._clip_scale(norms).repeat(groups)[:, None]
+        beta1, beta2 = self.betas
+        step_size, correction2 = self._advance()
+        m, v = self.flat_exp_avg, self.flat_exp_avg_sq
+        m.lerp_(grad, 1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (v / correction2.repeat(groups)[:, None]).sqrt_().add_(self.eps)
+        self.flat.flat.addcdiv_(m * step_size.repeat(groups)[:, None], denom, value=-1.0)
+        return norms

@@ -42,6 +42,8 @@ RESUME_MAY_CHANGE = (
     "run.upload_retry_max_s",
     "run.upload_wait_s",
     "run.writer_lease_s",
+    "agent.fast_update",
+    "agent.compile",
 )
 """Keys a resumed run may change without changing what its checkpoint means (and ``memory.*``)."""
 

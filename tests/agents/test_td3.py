@@ -9,6 +9,7 @@ import torch
 from support import tensors_with_graph
 
 from agents import Batch, make_population
+from agents import batched
 from agents.batched import BatchedLinear
 from agents.td3 import TD3Population
 from config import AgentConfig, UserError
@@ -259,23 +260,35 @@ def test_extra_state_round_trip() -> None:
 # ---------------------------------------------------------------- MEMORY.md rule 1: metrics are floats, no graph kept
 
 
-def _watch_activations(agent: TD3Population) -> tuple[list[weakref.ref], Callable[[], None]]:
-    """Weak references to the input and output of every batched layer call; returns (refs, remove)."""
+def _watch_activations(
+    agent: TD3Population, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[weakref.ref], Callable[[], None]]:
+    """Weak references to the input and output of every batched layer call, through the modules
+    (eager path) and through ``agents.batched.linear`` (the fused path); returns (refs, remove)."""
     refs: list[weakref.ref] = []
 
     def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         refs.append(weakref.ref(output))
         refs.extend(weakref.ref(x) for x in inputs)
 
+    linear = batched.linear
+
+    def watched(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        out = linear(x, weight, bias)
+        refs.extend(weakref.ref(t) for t in (x, out))
+        return out
+
+    monkeypatch.setattr(batched, "linear", watched)
     handles = [m.register_forward_hook(hook) for m in agent.modules() if isinstance(m, BatchedLinear)]
     return refs, lambda: [h.remove() for h in handles]
 
 
-def test_update_keeps_no_activation_alive_and_returns_only_floats() -> None:
+@pytest.mark.parametrize("fast", [False, True])
+def test_update_keeps_no_activation_alive_and_returns_only_floats(fast: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """MEMORY.md rule 1: nothing of a step (loss, activations, graph) outlives it; metrics are floats."""
-    agent = make_agent(policy_delay=1)
+    agent = make_agent(policy_delay=1, fast_update=fast)
     batches = [make_batch(1), make_batch(2), make_batch(3)]
-    refs, remove = _watch_activations(agent)
+    refs, remove = _watch_activations(agent, monkeypatch)
     history = [agent.update(batches) for _ in range(3)]  # held, like a trainer's metric log
     remove()
     gc.collect()
