@@ -229,7 +229,7 @@ class Trainer:
             for _ in range(t.updates_per_generation):
                 imagined = self.model_micro_batches(self.counters.updates)
                 real = t.accumulation_steps - imagined
-                batches = [self._sample() for _ in range(real)] + [self._sample(model=True) for _ in range(imagined)]
+                batches = self._sample(real) + self._sample(imagined, model=True)
                 self.counters.model_micro_batches += imagined
                 for name, values in self.agent.update(batches).items():
                     sums[name] += values
@@ -387,17 +387,21 @@ class Trainer:
             check_stop(f"during generation {done + 1} ({phase}); last complete checkpoint: {last}")
         bar.advance(1, phase)
 
-    def _sample(self, model: bool = False) -> Batch:
-        """One micro-batch per member from the replay (or, with ``model``, the model buffer)."""
+    def _sample(self, count: int, model: bool = False) -> list[Batch]:
+        """``count`` micro-batches per member from the replay (or, with ``model``, the model buffer),
+        each ``(P, B, ...)``: one draw of ``count * P`` rows and one host-to-device copy per field,
+        the same draws as ``count`` separate ones; the batches are views of those tensors."""
+        if count == 0:
+            return []
         source = self.dreamer.model_buffer if model and self.dreamer is not None else self.replay
         assert source is not None
-        arrays = source.sample(self.population, self.cfg.agent.batch_size)
-        return Batch(
-            *(
-                torch.as_tensor(arrays[name], dtype=torch.float32, device=self.device)
-                for name in ("obs", "action", "reward", "next_obs", "terminated")
-            )
-        )
+        p, b = self.population, self.cfg.agent.batch_size
+        arrays = source.sample(count * p, b)
+        fields = [
+            torch.as_tensor(a, dtype=torch.float32, device=self.device).view(count, p, *a.shape[1:])
+            for a in (arrays[name] for name in ("obs", "action", "reward", "next_obs", "terminated"))
+        ]
+        return [Batch(*(field[k] for field in fields)) for k in range(count)]
 
     def _seeds(self, generation: int, phase: int, count: int = 0) -> np.ndarray:
         """``count`` (default: one per stream) environment reset seeds: a pure function of
