@@ -17,10 +17,19 @@ mostly in the looped design), so the ratio swings wildly. ``OMP_WAIT_POLICY=PASS
 the stalls but makes each small parallel region wake sleeping threads, which slows the looped
 design on an idle machine. Neither is set here; compare runs under the same policy.
 
+Designs (``--designs``, timed in turns): ``eager`` (``agent.fast_update=false``, today's baseline
+before issue 15), ``fast`` (the fused update, the default), ``compiled`` (fast with
+``agent.compile=--compile-mode``; its first calls, the compile time, are reported apart) and
+``looped``. Ratios are against ``--baseline``. ``--flops`` also times this machine's dense float32
+matmul rate in the same turns and reports each design's achieved matmul FLOP rate as a fraction of
+it; ``--scaling 1 4 16 64`` adds the time per member-update at those population sizes.
+
 Run from the repository root::
 
-    python benchmarks/population_update.py            # default, ~1-3 min on 2 CPU cores
+    python benchmarks/population_update.py            # batched (fast) vs looped at 256x256, ~1-3 min
     python benchmarks/population_update.py --quick    # smoke run, < 30 s
+    python benchmarks/population_update.py --preset pendulum --designs eager fast compiled --threads 1
+    python benchmarks/population_update.py --designs eager fast looped --flops --scaling 1 4 16 64
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -163,16 +173,23 @@ class LoopedPopulation:
 # ---------------------------------------------------------------- data and timing
 
 
-def make_batches(population: int, micro_batches: int, batch_size: int, device: torch.device) -> list[Batch]:
+def make_batches(
+    population: int,
+    micro_batches: int,
+    batch_size: int,
+    device: torch.device,
+    obs_dim: int = OBS_DIM,
+    act_dim: int = ACT_DIM,
+) -> list[Batch]:
     """``K`` random micro-batches of shape ``(P, B, ...)`` (contents do not matter for speed)."""
 
     def one() -> Batch:
         shape = (population, batch_size)
         return Batch(
-            obs=torch.randn(*shape, OBS_DIM, device=device),
-            action=torch.rand(*shape, ACT_DIM, device=device) * 2 - 1,
+            obs=torch.randn(*shape, obs_dim, device=device),
+            action=torch.rand(*shape, act_dim, device=device) * 2 - 1,
             reward=torch.randn(*shape, device=device),
-            next_obs=torch.randn(*shape, OBS_DIM, device=device),
+            next_obs=torch.randn(*shape, obs_dim, device=device),
             terminated=(torch.rand(*shape, device=device) < 0.01).float(),
         )
 
@@ -227,6 +244,101 @@ def alternate(
     return wall, cpu
 
 
+# ---------------------------------------------------------------- arithmetic
+
+
+def net_macs(sizes: Sequence[int]) -> tuple[int, int]:
+    """(multiply-adds of one forward pass per sample, those of its first layer) of an MLP of ``sizes``."""
+    pairs = list(zip(sizes[:-1], sizes[1:], strict=False))
+    return sum(a * b for a, b in pairs), pairs[0][0] * pairs[0][1]
+
+
+def update_flops(population: int, obs: int, act: int, hidden: Sequence[int], rows: int, policy_delay: int) -> float:
+    """Matmul FLOPs (2 per multiply-add) of one TD3 population update over ``rows`` samples per member
+    (``K * B``), the actor step counted ``1 / policy_delay`` times. Backward passes: weight gradients of
+    every layer, input gradients of every layer but the first (the first's only where the actor's
+    action flows through the critic). Elementwise work is not counted, so the rate is a lower bound."""
+    actor, actor_first = net_macs([obs, *hidden, act])
+    critic, critic_first = net_macs([obs + act, *hidden, 1])
+    critic_step = (actor + 2 * critic) + 2 * critic + 2 * critic + 2 * (critic - critic_first)
+    actor_step = actor + critic + critic + actor + (actor - actor_first)
+    return 2.0 * population * rows * (critic_step + actor_step / policy_delay)
+
+
+def matmul_step(device: torch.device, size: int) -> tuple[Callable[[], object], float]:
+    """(a dense ``size x size`` float32 matmul, its FLOPs): the machine's reference rate."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    return (lambda: torch.mm(a, b)), 2.0 * size**3
+
+
+# ---------------------------------------------------------------- designs
+
+
+PRESETS = {
+    "pendulum": {
+        "population": 16,
+        "hidden": [64, 64],
+        "batch_size": 128,
+        "accumulation": 2,
+        "obs_dim": 3,
+        "act_dim": 1,
+    },
+    "halfcheetah": {"population": 16, "hidden": [256, 256], "batch_size": 256, "accumulation": 6},
+}
+"""Shapes of the trainer's presets (``config.PRESETS``); halfcheetah's obs/act sizes are the defaults."""
+
+
+def build_steps(
+    args: argparse.Namespace, p: int, device: torch.device
+) -> tuple[dict[str, Callable[[], object]], float]:
+    """The designs' update calls on the same data at population ``p``, and the compiled design's
+    first-calls time (0 without it)."""
+    cfg = AgentConfig(hidden_sizes=list(args.hidden), batch_size=args.batch_size)
+    batches = make_batches(p, args.accumulation, args.batch_size, device, args.obs_dim, args.act_dim)
+    steps: dict[str, Callable[[], object]] = {}
+    compile_s = 0.0
+    for name in args.designs:
+        torch.manual_seed(args.seed)
+        if name == "looped":
+            looped = LoopedPopulation(p, args.obs_dim, args.act_dim, cfg, device)
+            per_member = split_members(batches, p)
+            steps[name] = lambda looped=looped, per_member=per_member: looped.update(per_member)
+            continue
+        fast, mode = name != "eager", args.compile_mode if name == "compiled" else "none"
+        agent_cfg = dataclasses.replace(cfg, fast_update=fast, compile=mode)
+        agent = TD3Population(p, args.obs_dim, args.act_dim, agent_cfg, device)
+        steps[name] = lambda agent=agent: agent.update(batches)
+        if name == "compiled":  # compiles both graphs (critic-only and critic + actor calls)
+            started = time.perf_counter()
+            for _ in range(agent_cfg.policy_delay):
+                steps[name]()
+            synchronize(device)
+            compile_s = time.perf_counter() - started
+    threads = torch.get_num_threads()
+    out = {}
+    for name, step in steps.items():
+        count = args.baseline_threads if name == "looped" and args.baseline_threads else threads
+        out[name] = with_threads(count, step)
+    return out, compile_s
+
+
+def time_designs(
+    args: argparse.Namespace, p: int, device: torch.device, rounds: int, with_matmul: bool
+) -> dict[str, Any]:
+    """Warm up and time every design (and the reference matmul) in turns at population ``p``."""
+    steps, compile_s = build_steps(args, p, device)
+    calls = AgentConfig().policy_delay  # each block holds exactly one delayed actor update
+    matmul_flops = 0.0
+    if with_matmul:
+        mm, matmul_flops = matmul_step(device, args.matmul_size)
+        steps["matmul"] = mm
+    alternate(steps, rounds=1, calls=1 if args.quick else calls, device=device)
+    wall, cpu = alternate(steps, rounds, calls, device)
+    median = {name: statistics.median(ts) for name, ts in wall.items()}
+    return {"wall": wall, "cpu": cpu, "median": median, "compile_s": compile_s, "matmul_flops": matmul_flops}
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -234,10 +346,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few repeats, finishes in well under 30 s")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--population", type=int, default=16)
-    parser.add_argument("--hidden", type=int, nargs="+", default=[256, 256])
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--accumulation", "-k", type=int, default=6, help="micro-batches per update (K)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="shapes of a trainer preset (other flags override)")
+    parser.add_argument("--population", type=int)
+    parser.add_argument("--hidden", type=int, nargs="+")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--accumulation", "-k", type=int, help="micro-batches per update (K)")
+    parser.add_argument("--obs-dim", type=int)
+    parser.add_argument("--act-dim", type=int)
+    parser.add_argument(
+        "--designs", nargs="+", default=["fast", "looped"], choices=["eager", "fast", "compiled", "looped"]
+    )
+    parser.add_argument("--baseline", help="the design ratios are against (default: eager if timed, else looped)")
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the compiled design")
+    parser.add_argument("--flops", action="store_true", help="also time a dense matmul: achieved rate / machine rate")
+    parser.add_argument("--matmul-size", type=int, default=1024, help="size of the reference square matmul")
+    parser.add_argument("--scaling", type=int, nargs="*", default=[], help="populations for time per member-update")
     parser.add_argument("--rounds", type=int, default=0, help="ABAB rounds (0: 2 quick, 10 default)")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
     parser.add_argument(
@@ -245,62 +368,88 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the result here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    shapes = {"population": 16, "hidden": [256, 256], "batch_size": 256, "accumulation": 6}
+    shapes |= {"obs_dim": OBS_DIM, "act_dim": ACT_DIM} | PRESETS.get(args.preset or "", {})
+    for key, value in shapes.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.baseline is None:
+        args.baseline = (
+            "eager" if "eager" in args.designs else "looped" if "looped" in args.designs else args.designs[0]
+        )
+    if args.baseline not in args.designs:
+        parser.error(f"--baseline {args.baseline} is not among --designs {' '.join(args.designs)}")
+    return args
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Build both designs, warm them up, time them alternately; returns the result record."""
+    """Build the designs, warm them up, time them alternately; returns the result record."""
     device = torch.device(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
-    baseline_threads = args.baseline_threads or threads
     torch.manual_seed(args.seed)
-    cfg = AgentConfig(hidden_sizes=list(args.hidden), batch_size=args.batch_size)
-    p = args.population
-    batched = TD3Population(p, OBS_DIM, ACT_DIM, cfg, device)
-    looped = LoopedPopulation(p, OBS_DIM, ACT_DIM, cfg, device)
-    batches = make_batches(p, args.accumulation, args.batch_size, device)
-    per_member = split_members(batches, p)
-    steps = {
-        "batched": with_threads(threads, lambda: batched.update(batches)),
-        "looped": with_threads(baseline_threads, lambda: looped.update(per_member)),
-    }
-    # Warm up (first calls allocate optimizer state and caches), then time blocks of
-    # ``policy_delay`` calls so every block holds exactly one delayed actor update.
-    calls = cfg.policy_delay
-    alternate(steps, rounds=1, calls=1 if args.quick else calls, device=device)
     rounds = args.rounds or (2 if args.quick else 10)
-    wall, cpu = alternate(steps, rounds, calls, device)
-    median = {name: statistics.median(ts) for name, ts in wall.items()}
-    return {
+    p = args.population
+    timed = time_designs(args, p, device, rounds, args.flops)
+    median = timed["median"]
+    flops = update_flops(p, args.obs_dim, args.act_dim, args.hidden, args.batch_size * args.accumulation, 2)
+    designs = [d for d in args.designs]
+    result: dict[str, Any] = {
         "benchmark": "population_update",
         "device": str(device),
         "torch": torch.__version__,
-        "threads": threads,
-        "baseline_threads": baseline_threads,
+        "threads": torch.get_num_threads(),
+        "baseline_threads": args.baseline_threads or torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+        "load_average": list(os.getloadavg()),
+        "cpus": os.cpu_count(),
         "population": p,
         "hidden": list(args.hidden),
         "batch_size": args.batch_size,
         "accumulation": args.accumulation,
-        "obs_dim": OBS_DIM,
-        "act_dim": ACT_DIM,
+        "obs_dim": args.obs_dim,
+        "act_dim": args.act_dim,
         "rounds": rounds,
-        "updates_per_block": calls,
-        "seconds_per_update": wall,
-        "cpu_seconds_per_update": cpu,
+        "updates_per_block": AgentConfig().policy_delay,
+        "seconds_per_update": timed["wall"],
+        "cpu_seconds_per_update": timed["cpu"],
         "median_s": median,
-        "speedup": median["looped"] / median["batched"],
-        "speedup_best_blocks": min(wall["looped"]) / min(wall["batched"]),
+        "baseline": args.baseline,
+        "ratio": {d: median[args.baseline] / median[d] for d in designs},
+        "ratio_best_blocks": {d: min(timed["wall"][args.baseline]) / min(timed["wall"][d]) for d in designs},
+        "update_gflop": flops / 1e9,
+        "compile_s": timed["compile_s"],
     }
+    if "fast" in designs and "looped" in designs:
+        result["speedup"] = median["looped"] / median["fast"]  # the batched/looped figure of earlier runs
+    if args.flops:
+        machine = timed["matmul_flops"] / median["matmul"]
+        result["matmul_gflops"] = machine / 1e9
+        result["achieved_gflops"] = {d: flops / median[d] / 1e9 for d in designs}
+        result["fraction_of_matmul"] = {d: flops / median[d] / machine for d in designs}
+    if args.scaling:
+        result["scaling"] = scaling(args, device, rounds)
+    return result
+
+
+def scaling(args: argparse.Namespace, device: torch.device, rounds: int) -> dict[str, dict[str, float]]:
+    """Median time per member-update (update time / P) of each design but ``looped`` at each population."""
+    sub = argparse.Namespace(**vars(args))
+    sub.designs = [d for d in args.designs if d != "looped"] or ["fast"]
+    out: dict[str, dict[str, float]] = {}
+    for p in args.scaling:
+        timed = time_designs(sub, p, device, max(rounds // 2, 2), with_matmul=False)
+        out[str(p)] = {d: timed["median"][d] / p for d in sub.designs}
+    return out
 
 
 def report(result: dict[str, Any]) -> None:
-    """Print the table and the RESULT line."""
+    """Print the table and the RESULT lines."""
     print(
         f"population update: P={result['population']} hidden={result['hidden']} "
-        f"batch={result['batch_size']} K={result['accumulation']} obs={result['obs_dim']} act={result['act_dim']}"
+        f"batch={result['batch_size']} K={result['accumulation']} obs={result['obs_dim']} act={result['act_dim']} "
+        f"({result['update_gflop']:.3f} GFLOP of matmuls per update)"
     )
     print(f"{'design':<10}{'median ms':>12}{'min ms':>10}{'max ms':>10}{'cpu ms':>10}{'blocks':>8}")
     for name, ts in result["seconds_per_update"].items():
@@ -309,14 +458,29 @@ def report(result: dict[str, Any]) -> None:
             f"{name:<10}{1e3 * statistics.median(ts):>12.1f}{1e3 * min(ts):>10.1f}{1e3 * max(ts):>10.1f}"
             f"{1e3 * cpu:>10.1f}{len(ts):>8}"
         )
-    print("(ms per update, wall clock; cpu ms = median process CPU time, which counts every busy thread)")
-    print(f"ratio of the fastest blocks (least disturbed by other load): {result['speedup_best_blocks']:.2f}x")
-    print(
-        f"RESULT population_update batched/looped speedup: {result['speedup']:.2f}x "
-        f"(device {result['device']}, torch {result['torch']}, threads {result['threads']}, "
-        f"baseline threads {result['baseline_threads']}, "
-        f"OMP_WAIT_POLICY {result['omp_wait_policy']})"
+    print("(ms per update, or per matmul call; wall clock; cpu ms = median process CPU time, every busy thread)")
+    if result["compile_s"]:
+        print(f"compiled: its first {result['updates_per_block']} calls (compilation) took {result['compile_s']:.1f} s")
+    for name, fraction in result.get("fraction_of_matmul", {}).items():
+        print(
+            f"{name:<10}achieved {result['achieved_gflops'][name]:6.1f} GFLOP/s = {100 * fraction:5.1f}% of this "
+            f"machine's dense matmul ({result['matmul_gflops']:.1f} GFLOP/s, same run)"
+        )
+    for p, per_design in result.get("scaling", {}).items():
+        cells = "  ".join(f"{d} {1e3 * s:7.3f} ms" for d, s in per_design.items())
+        print(f"P={p:>3}  time per member-update: {cells}")
+    load = ", ".join(f"{x:.2f}" for x in result["load_average"])
+    context = (
+        f"device {result['device']}, torch {result['torch']}, threads {result['threads']}, "
+        f"OMP_WAIT_POLICY {result['omp_wait_policy']}, load average {load} on {result['cpus']} CPUs"
     )
+    for name, ratio in result["ratio"].items():
+        if name != result["baseline"]:
+            best = result["ratio_best_blocks"][name]
+            line = f"RESULT population_update {name}/{result['baseline']} speedup: {ratio:.2f}x"
+            print(f"{line} (best blocks {best:.2f}x; {context})")
+    if "speedup" in result:
+        print(f"RESULT population_update batched/looped speedup: {result['speedup']:.2f}x ({context})")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
