@@ -17,6 +17,18 @@ from config import Config, build_config
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TESTS_DIR = Path(__file__).resolve().parent
 
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` are skipped, saying so, on machines without a CUDA GPU
+    (``benchmarks/gpu_check.py`` runs them on one)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 # The suite runs on small, often shared CPUs: tiny networks gain nothing from intra-op threads,
 # and a descheduled worker thread can stall every op for a time slice. Results do not depend on it.
 torch.set_num_threads(1)

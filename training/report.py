@@ -125,6 +125,7 @@ def status_block(record: dict[str, Any]) -> str:
         lines.append(
             f"  cuda          allocated {r['cuda_allocated_mb']:,.0f} MB  reserved {r['cuda_reserved_mb']:,.0f} MB  "
             f"peak {r['cuda_peak_mb']:,.0f} MB  driver used {r['cuda_driver_used_mb']:,.0f} MB"
+            + (f"  utilisation {r['cuda_utilization_pct']:.0f}%" if "cuda_utilization_pct" in r else "")
         )
         lines.append(
             f"                small pool {r.get('cuda_small_pool_mb', 0):,.0f} MB  "

@@ -14,7 +14,8 @@ Every figure is a float. Sizes are MB (2**20 bytes), counts are plain numbers:
   ``cuda_driver_used_mb`` (device-wide, as ``nvidia-smi`` shows it), ``cuda_small_pool_mb`` /
   ``cuda_large_pool_mb`` (allocated bytes per allocator pool), ``cuda_alloc_retries`` (failed
   ``cudaMalloc`` calls that flushed the cache, cumulative) and ``cuda_pinned_host_mb`` (pinned host
-  memory held by the caching host allocator, where this torch has ``torch.cuda.host_memory_stats``).
+  memory held by the caching host allocator, where this torch has ``torch.cuda.host_memory_stats``),
+  ``cuda_utilization_pct`` (GPU utilisation as ``nvidia-smi`` shows it, where ``pynvml`` is installed).
 
 What the census cannot see: ``tracemalloc`` does not see torch storage at all, and tensors without a
 Python object (those saved inside an autograd graph) are not in ``gc.get_objects()``; gradients are
@@ -116,8 +117,20 @@ def cuda_memory(device: torch.device) -> dict[str, float]:
     pinned = _pinned_host_bytes()
     if pinned is not None:
         figures["cuda_pinned_host_mb"] = pinned / MB
+    utilization = _utilization(device)
+    if utilization is not None:
+        figures["cuda_utilization_pct"] = utilization
     torch.cuda.reset_peak_memory_stats(device)
     return figures
+
+
+def _utilization(device: torch.device) -> float | None:
+    """GPU utilisation in percent over the driver's last sample period (as ``nvidia-smi`` shows it),
+    or None where torch cannot read it (it needs the ``pynvml``/``nvidia-ml-py`` package)."""
+    try:
+        return float(torch.cuda.utilization(device))
+    except Exception:  # ModuleNotFoundError without pynvml, RuntimeError/NVMLError from the driver
+        return None
 
 
 def _pinned_host_bytes() -> int | None:
