@@ -91,7 +91,7 @@ def soak(args: argparse.Namespace, inject: bool, run_dir: str) -> dict[str, Any]
                 f"{'leak ' if inject else 'clean'} gen {generation + 1:3d}/{generations}  "
                 f"RSS {record['rss_mb']:8.1f} MB  replay {record['replay_size']:>7,}/{record['replay_capacity']:,}"
                 f"  tensors {record['live_tensors']:6.0f}  with graph {record['grad_tensors']:5.0f}"
-                f"  {record['generation_s']:5.1f} s  telemetry {record['census_ms']:4.0f} ms",
+                f"  {record['generation_s']:5.1f} s  telemetry {record['census_ms']:4.0f} ms{_dreamer(record)}",
                 flush=True,
             )
             memory = psutil.virtual_memory()
@@ -121,6 +121,15 @@ def soak(args: argparse.Namespace, inject: bool, run_dir: str) -> dict[str, Any]
     }
 
 
+def _dreamer(record: dict[str, Any]) -> str:
+    """The Dreamer member's model updates, model buffer and screening ('' without it)."""
+    if "dreamer_fitness" not in record:
+        return ""
+    buffer = f"  model buffer {record['dreamer_model_buffer']:,.0f}" if "dreamer_model_buffer" in record else ""
+    played = f"  played {record['screen_evaluated']}" if "screen_evaluated" in record else ""
+    return f"  dreamer {record.get('dreamer_updates', 0):.0f} updates{buffer}{played}"
+
+
 KEPT = ("generation", "rss_mb", "replay_filled_mb", "live_tensors", "grad_tensors", "census_ms", "generation_s")
 KEPT += ("replay_size",)
 
@@ -131,7 +140,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, nargs="+", default=[256, 256])
     parser.add_argument("--capacity", type=int, default=50_000, help="replay capacity (small, to fill early)")
     parser.add_argument("--steps", type=int, default=200, help="exploration steps per member per generation")
-    parser.add_argument("--after-fill", type=int, default=30, help="generations after the buffer is full")
+    parser.add_argument("--after-fill", type=int, default=None, help="generations after the buffer is full (30)")
     parser.add_argument("--warmup", type=int, default=3, help="full-buffer generations left out of the fit")
     parser.add_argument("--quick", action="store_true", help="small networks and few generations")
     parser.add_argument("--compare", action="store_true", help="also run a few generations with the injected leak")
@@ -140,7 +149,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if args.quick:
-        args.hidden, args.capacity, args.after_fill = [32, 32], 20_000, 8
+        args.hidden, args.capacity = [32, 32], 20_000
+    if args.after_fill is None:
+        args.after_fill = 8 if args.quick else 30
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:

@@ -69,6 +69,8 @@ def encode(tensors: dict[str, torch.Tensor]) -> bytes:
 
 def _raw(tensor: torch.Tensor) -> memoryview:
     """The tensor's bytes in row-major order (a copy only for a GPU tensor or a non-contiguous one)."""
+    if tensor.numel() == 0:  # an empty tensor may have stride 0 (e.g. from numpy), which cannot be viewed as bytes
+        return memoryview(b"")
     return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data
 
 

@@ -10,6 +10,7 @@ import struct
 import tracemalloc
 from typing import Any
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -22,6 +23,8 @@ from cloud.tensorfile import TensorFileError
 
 def bits(tensor: torch.Tensor) -> bytes:
     """The tensor's values as raw bytes (NaN payloads and -0.0 included)."""
+    if tensor.numel() == 0:  # no bytes (and a stride-0 empty tensor cannot be viewed as bytes)
+        return b""
     return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
@@ -82,6 +85,12 @@ def test_scalar_tensors_round_trip(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int64, torch.bool, torch.uint8])
 def test_empty_tensors_round_trip(shape: tuple[int, ...], dtype: torch.dtype) -> None:
     round_trip({"empty": torch.zeros(shape, dtype=dtype), "after": torch.ones(2, dtype=dtype)})
+
+
+def test_an_empty_tensor_with_stride_zero_round_trips() -> None:
+    empty = torch.from_numpy(np.zeros(0, np.float32))  # e.g. a checkpointed empty model buffer
+    assert empty.stride() == (0,)
+    round_trip({"empty": empty, "after": torch.ones(2)})
 
 
 def test_non_contiguous_tensors_and_views_of_one_storage_round_trip() -> None:
