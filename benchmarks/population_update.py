@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse  # noqa: E402
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -303,12 +304,12 @@ def build_steps(
         if name == "looped":
             looped = LoopedPopulation(p, args.obs_dim, args.act_dim, cfg, device)
             per_member = split_members(batches, p)
-            steps[name] = lambda looped=looped, per_member=per_member: looped.update(per_member)
+            steps[name] = functools.partial(looped.update, per_member)
             continue
         fast, mode = name != "eager", args.compile_mode if name == "compiled" else "none"
         agent_cfg = dataclasses.replace(cfg, fast_update=fast, compile=mode)
         agent = TD3Population(p, args.obs_dim, args.act_dim, agent_cfg, device)
-        steps[name] = lambda agent=agent: agent.update(batches)
+        steps[name] = functools.partial(agent.update, batches)
         if name == "compiled":  # compiles both graphs (critic-only and critic + actor calls)
             started = time.perf_counter()
             for _ in range(agent_cfg.policy_delay):

@@ -79,7 +79,7 @@ def test_checkpoint_layout_is_unchanged() -> None:
     tensors = agent.member_tensors()
     sizes = [(OBS, 16), (1, 16), (16, 16), (1, 16), (16, ACT), (1, ACT)]
     critic = [(OBS + ACT, 16), (1, 16), (16, 16), (1, 16), (16, 1), (1, 1)]
-    expected = {}
+    expected: dict[str, tuple[int, ...]] = {}
     for net, shapes in (("actor", sizes), ("critic1", critic), ("critic2", critic)):
         for prefix in (net, f"{net}_target"):
             for i, shape in enumerate(shapes):
@@ -98,7 +98,8 @@ def test_module_parameters_are_views_of_the_flat_storage() -> None:
     run(agent, range(2))
     flat = agent.critic_flat.flat
     with torch.no_grad():
-        agent.critic2.layers[1].bias[3] = 7.0  # a module write lands in the flat rows (critic 2: rows P..2P)
+        # a module write lands in the flat rows (critic 2: rows P..2P)
+        agent.critic2.get_parameter("layers.1.bias")[3] = 7.0
     assert (flat[P + 3] == 7.0).sum() == 16
     agent.copy_member(0, 3)  # evolution copies rows of member tensors: both critics' flat rows follow
     assert torch.equal(flat[P], flat[P + 3]) and torch.equal(flat[0], flat[3])

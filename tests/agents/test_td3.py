@@ -8,8 +8,7 @@ import pytest
 import torch
 from support import tensors_with_graph
 
-from agents import Batch, make_population
-from agents import batched
+from agents import Batch, batched, make_population
 from agents.batched import BatchedLinear
 from agents.td3 import TD3Population
 from config import AgentConfig, UserError
