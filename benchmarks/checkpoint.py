@@ -9,6 +9,12 @@ commit, retention and queueing the upload; uploads themselves run in the backgro
 Baseline, measured in the same run: the whole replay written every generation, as before replay
 sharding (every shard marked changed before the save), ``--saves`` times.
 
+Tensor format before/after (issue 9), in the same run: ``--pairs`` pairs of saves, each pair one
+with the tensors encoded by ``torch.save`` (the previous format, evorl-checkpoint/2) and one with
+safetensors (the current format), in alternating order, each after the same replay shards changed
+as in the last real generation; and the time to decode the tensors on resume
+(``torch.load(weights_only=True)`` before, the checked safetensors reader after).
+
     python benchmarks/checkpoint.py                        # 3 real generations (~3 min on 2 cores)
     python benchmarks/checkpoint.py --checkpoint-uri s3://bucket/prefix   # also upload in the background
     python benchmarks/checkpoint.py --quick                # pendulum-sized smoke run
@@ -26,12 +32,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cloud import checkpoint as ckpt  # noqa: E402
+from cloud import tensorfile  # noqa: E402
 from config import build_config  # noqa: E402
 from training import runs  # noqa: E402
 from training.trainer import Trainer  # noqa: E402
@@ -63,13 +72,23 @@ def stored_keys(trainer: Trainer) -> set[str]:
     return {ref.key for ref in trainer.stored_blobs.values()}
 
 
-def run_generations(trainer: Trainer, count: int) -> list[tuple[float, float, float]]:
-    """(generation seconds, checkpoint-blocked seconds, MiB written) for ``count`` real generations."""
+def run_generations(trainer: Trainer, count: int, changed: list[np.ndarray]) -> list[tuple[float, float, float]]:
+    """(generation seconds, checkpoint-blocked seconds, MiB written) for ``count`` real generations;
+    ``changed`` gets each generation's changed-shard mask, as its save saw it."""
+    save = trainer.save_checkpoint
+
+    def noting_changed_shards() -> None:
+        changed.append(trainer.replay._dirty.copy())
+        save()
+
     results = []
     for _ in range(count):
         generation = trainer.counters.generation
         before = stored_keys(trainer)
-        with contextlib.redirect_stdout(io.StringIO()):
+        with (
+            contextlib.redirect_stdout(io.StringIO()),
+            mock.patch.object(trainer, "save_checkpoint", noting_changed_shards),
+        ):
             record = trainer.run_generation(generation)
         results.append((record["generation_s"], trainer.checkpoint_s, written_mb(trainer, before)))
         print(
@@ -92,10 +111,55 @@ def whole_replay_saves(trainer: Trainer, count: int) -> list[tuple[float, float]
     return results
 
 
+def torch_save_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    """The previous format's tensor encoder (evorl-checkpoint/2), for the before/after comparison."""
+    buffer = io.BytesIO()
+    torch.save({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, buffer)
+    return buffer.getvalue()
+
+
+ENCODERS = {"before": torch_save_bytes, "after": tensorfile.encode}
+"""The tensor encoders compared: torch.save (previous format) and safetensors (current format)."""
+
+
+def paired_saves(trainer: Trainer, pairs: int, changed: np.ndarray) -> dict[str, list[float]]:
+    """Checkpoint-blocked seconds per encoder: ``pairs`` saves each, alternating which goes first,
+    each after the shards in ``changed`` changed (the same work as a real generation's save)."""
+    blocked: dict[str, list[float]] = {name: [] for name in ENCODERS}
+    for i in range(pairs):
+        for name in list(ENCODERS)[:: 1 if i % 2 == 0 else -1]:
+            trainer.replay._dirty[:] = changed
+            trainer.counters.generation += 1
+            with mock.patch.object(tensorfile, "encode", ENCODERS[name]):  # what ckpt.save calls
+                trainer.save_checkpoint()
+            blocked[name].append(trainer.checkpoint_s)
+    return blocked
+
+
+def decode_times(trainer: Trainer, repeats: int = 5) -> dict[str, tuple[float, float]]:
+    """(median seconds to decode, MiB) of the trainer's tensors in each format, as a resume reads them."""
+    tensors = trainer.state().tensors
+    decoders = {
+        "before": lambda data: torch.load(io.BytesIO(data), weights_only=True, map_location="cpu"),
+        "after": tensorfile.decode,
+    }
+    result = {}
+    for name, decode in decoders.items():
+        data = ENCODERS[name](tensors)
+        seconds = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            decode(data)
+            seconds.append(time.perf_counter() - started)
+        result[name] = (statistics.median(seconds), len(data) / 2**20)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--generations", type=int, default=3, help="real generations (the first writes every shard)")
     parser.add_argument("--saves", type=int, default=3, help="baseline saves of the whole replay")
+    parser.add_argument("--pairs", type=int, default=4, help="saves with each tensor format (before/after)")
     parser.add_argument("--checkpoint-uri", default="", help="also upload to this location in the background")
     parser.add_argument("--quick", action="store_true", help="pendulum preset with a 100k replay: a smoke run")
     args = parser.parse_args()
@@ -109,7 +173,7 @@ def main() -> None:
             "run.progress": False,
             "run.device": "cpu",
             "run.checkpoint_uri": args.checkpoint_uri,
-            "train.generations": args.generations + args.saves,
+            "train.generations": args.generations + args.saves + 2 * args.pairs,
         }
         if args.quick:
             extra["replay.capacity"] = 100_000
@@ -125,8 +189,11 @@ def main() -> None:
             flush=True,
         )
         started = time.perf_counter()
-        real = run_generations(trainer, args.generations)
+        changed: list[np.ndarray] = []
+        real = run_generations(trainer, args.generations, changed)
         baseline = whole_replay_saves(trainer, args.saves)
+        formats = paired_saves(trainer, args.pairs, changed[-1])
+        decoded = decode_times(trainer)
         upload_note = ""
         if trainer.uploader is not None:
             waited = time.perf_counter()
@@ -153,6 +220,21 @@ def main() -> None:
     )
     print(f"  baseline / sharded               {whole_s / sharded_s:8.1f}x time, {whole_mb / sharded_mb:.1f}x bytes")
     print(f"  goal: <= 5% blocked -> {'met' if sharded_s <= 0.05 * generation_s else 'NOT met'}")
+    before_s, after_s = (statistics.median(formats[name]) for name in ("before", "after"))
+    print(
+        f"\ntensor format (median of {args.pairs} saves each, alternating; the shards of generation "
+        f"{args.generations}: {int(changed[-1].sum())} changed)"
+    )
+    print(
+        f"  blocked, torch.save (before)     {before_s:8.2f}s  = {100 * before_s / generation_s:5.2f}% of a generation"
+    )
+    print(f"  blocked, safetensors (after)     {after_s:8.2f}s  = {100 * after_s / generation_s:5.2f}% of a generation")
+    print(f"  after / before                   {after_s / before_s:8.2f}x")
+    (load_before, mb_before), (load_after, mb_after) = decoded["before"], decoded["after"]
+    print(
+        f"  decode on resume                 {1000 * load_before:6.0f} ms torch.load(weights_only=True) of "
+        f"{mb_before:,.1f} MiB, {1000 * load_after:.0f} ms checked safetensors of {mb_after:,.1f} MiB"
+    )
 
 
 if __name__ == "__main__":
