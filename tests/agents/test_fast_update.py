@@ -165,3 +165,12 @@ def test_compile_mode_is_validated_and_neither_key_changes_the_hash() -> None:
         build_config("debug", extra={"agent.compile": "fastest"})
     base = build_config("debug").hash()
     assert build_config("debug", extra={"agent.fast_update": False, "agent.compile": "default"}).hash() == base
+
+
+@pytest.mark.slow
+def test_compiled_fast_update_matches_the_eager_update() -> None:
+    """agent.compile=default (inductor on CPU; tens of seconds to compile, hence slow)."""
+    eager, compiled = make_agent(False), make_agent(True, compile="default")
+    for a, b in zip(run(eager, range(2)), run(compiled, range(2)), strict=True):
+        for name in a:
+            torch.testing.assert_close(torch.tensor(b[name]), torch.tensor(a[name]), rtol=1e-4, atol=1e-5)
