@@ -38,7 +38,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_STATUS = re.compile(r"cuda\s+allocated [\d,]+ MB\s+reserved [\d,]+ MB\s+peak [\d,]+ MB\s+driver used [\d,]+ MB")
-STEP_LIMITS = {"tests": 100, "train": 110, "loop": 70, "compile": 80}
+STEP_LIMITS = {"tests": 120, "train": 90, "loop": 60, "compile": 90}
 """Seconds each step may take (360 in all), cut down to what is left of the budget."""
 
 
@@ -102,8 +102,9 @@ def tests_step(steps: Steps) -> str:
     lines = out.strip().splitlines() or ["no output"]
     summary = next((line for line in reversed(lines) if re.search(r"\d+ (passed|failed|error)", line)), lines[-1])
     summary = summary.strip("= ")
-    steps.results["tests"] |= {"passed": code == 0, "summary": summary}
-    return f"{'PASS' if code == 0 else 'FAIL'} cuda tests: {summary}"
+    passed = code == 0 and "passed" in summary  # all skipped is no proof
+    steps.results["tests"] |= {"passed": passed, "summary": summary}
+    return f"{'PASS' if passed else 'FAIL'} cuda tests: {summary}"
 
 
 def train_step(steps: Steps, device: str) -> str:
