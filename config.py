@@ -211,8 +211,9 @@ class DreamerConfig:
     model updates (every env step of the run counts, the Dreamer member's own included; a fraction is
     carried to the next generation). 1.0 (DreamerV3 uses 512) keeps the ``pendulum`` preset's ~3,400
     env steps a generation at ~3 updates, ~3 s at the ``tiny`` size on 2 CPU cores; raise it on a GPU."""
-    model_lr: float = 1e-4
-    """Adam learning rate of the world model."""
+    model_lr: float = 0.0
+    """Adam learning rate of the world model; 0 takes the size preset's (``tiny`` 6e-4, the GPU
+    sizes 1e-4 as DreamerV3)."""
     actor_lr: float = 3e-5
     """Adam learning rate of the imagination actor."""
     critic_lr: float = 3e-5
@@ -420,7 +421,8 @@ def _validate_dreamer(d: DreamerConfig) -> None:
         "screen_check_every",
     ):
         _check(getattr(d, name) >= 1, f"dreamer.{name} must be >= 1")
-    for name in ("train_ratio", "model_lr", "actor_lr", "critic_lr"):
+    _check(d.model_lr >= 0, "dreamer.model_lr must be >= 0 (0: the size preset's)")
+    for name in ("train_ratio", "actor_lr", "critic_lr"):
         _check(getattr(d, name) > 0, f"dreamer.{name} must be > 0")
     for name in ("model_grad_clip", "ac_grad_clip", "entropy", "kl_dyn", "kl_rep", "free_bits", "imagine_after"):
         _check(getattr(d, name) >= 0, f"dreamer.{name} must be >= 0")

@@ -40,7 +40,7 @@ class DreamerAgent:
             self.ac = ActorCritic(self.wm.rssm.feat_dim, action, size, cfg).to(device)
         self.nets = nn.ModuleDict({"wm": self.wm, "ac": self.ac})
         self.optimizers = {
-            "wm": torch.optim.Adam(self.wm.parameters(), lr=cfg.model_lr, eps=1e-8),
+            "wm": torch.optim.Adam(self.wm.parameters(), lr=cfg.model_lr or size.model_lr, eps=1e-8),
             "actor": torch.optim.Adam(self.ac.actor.parameters(), lr=cfg.actor_lr, eps=1e-5),
             "critic": torch.optim.Adam(self.ac.critic.parameters(), lr=cfg.critic_lr, eps=1e-5),
         }

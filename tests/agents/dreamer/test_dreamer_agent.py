@@ -18,7 +18,7 @@ OBS, ACT = 3, 1
 @pytest.fixture(autouse=True)
 def test_size(monkeypatch: pytest.MonkeyPatch) -> None:
     """A size smaller than ``tiny`` so the suite stays fast."""
-    monkeypatch.setitem(SIZES, "test", DreamerSize(deter=32, units=32, layers=1, groups=4, classes=4))
+    monkeypatch.setitem(SIZES, "test", DreamerSize(deter=32, units=32, layers=1, groups=4, classes=4, model_lr=1e-4))
 
 
 def make(seed: int = 0, **overrides: float | int | str) -> DreamerAgent:
@@ -187,3 +187,9 @@ def test_trains_on_the_replay_sequence_sampler() -> None:
         replay.add(Transitions(obs, np.zeros((streams, ACT), np.float32), obs[:, 0], obs + 0.1, no, no, first))
     metrics = make().train_step(replay.sample_sequences(4, 10))
     assert metrics["finite"] == 1.0
+
+
+def test_the_world_model_learning_rate_is_the_size_presets_unless_set() -> None:
+    assert make().optimizers["wm"].param_groups[0]["lr"] == 1e-4  # the test size's preset
+    assert make(model_lr=3e-4).optimizers["wm"].param_groups[0]["lr"] == 3e-4
+    assert SIZES["tiny"].model_lr == 6e-4 and SIZES["large"].model_lr == 1e-4
