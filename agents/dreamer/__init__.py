@@ -22,14 +22,15 @@ Interface for the generation loop (everything crossing it is detached; metrics a
     # -> obs, next_obs (k, B, obs_dim), action (k, B, act_dim), reward, cont (k, B), terminated (k, B) bool
     score = agent.imagined_return(start_obs, policy)           # (B,): imagined return + critic bootstrap
 
-    # checkpoints: tensors (weights_only-safe) + JSON
+    # checkpoints: plain tensors (stored as safetensors) + JSON
     tensors, extra = agent.state_tensors(), agent.extra_state()
     agent.load_state_tensors(tensors); agent.load_extra_state(extra)   # bit-exact resume
 
 Pieces: ``math`` (symlog, two-hot over 255 bins, straight-through categoricals, KL with free bits),
-``networks`` (encoder/decoder chosen by observation shape, actor chosen by ``ActionSpec``: image
-CNNs and a categorical actor plug into those factories), ``rssm``, ``world_model``, ``behavior``
-(imagination actor-critic), ``sizes`` (``tiny``/``small``/``medium``/``large`` presets), ``agent``.
+``networks`` (encoder/decoder chosen by observation shape, actor chosen by ``ActionSpec``: Gaussian
+for ``box``, categorical for ``discrete`` actions; image CNNs plug into the encoder factory), ``rssm``,
+``world_model``, ``behavior`` (imagination actor-critic), ``sizes`` (``tiny``/``small``/``medium``/``large``
+presets), ``agent``.
 
 Deviations from DreamerV3, on purpose: plain global-norm gradient clipping (``model_grad_clip``,
 ``ac_grad_clip``) instead of adaptive clipping; Adam instead of LaProp; the initial latent state is
