@@ -7,8 +7,8 @@ is a new subclass registered in ``agents.ALGORITHMS``, not a change to the loop.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from typing import ClassVar, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import ClassVar, NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -115,3 +115,44 @@ class PopulationAgent(nn.Module, ABC):
                     f"member tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {tuple(tensor.shape)}"
                 )
             tensor.copy_(tensors[name])
+
+
+class Optimizer(Protocol):
+    """What :func:`twin_critic_step` needs of a population optimizer (``BatchedAdam``, ``FlatAdam``)."""
+
+    def zero_grad(self) -> None: ...
+
+    def step(self) -> Tensor: ...
+
+
+def twin_critic_step(
+    agent: PopulationAgent,
+    batches: Sequence[Batch],
+    optimizer: Optimizer,
+    twin_q: Callable[[Batch], tuple[Tensor, Tensor]],
+    target: Callable[[Batch], Tensor],
+) -> dict[str, list[float]]:
+    """One optimizer step of twin critics accumulating ``len(batches)`` micro-batches: the sum of both
+    critics' mean squared error against ``target(batch) (P, B)`` (no graph), where ``twin_q(batch)``
+    gives both critics' values ``(P, B)`` of the stored actions. Returns per-member floats:
+    ``critic_loss``, ``q_mean`` (first critic) and ``critic_grad_norm``."""
+    optimizer.zero_grad()
+    loss_sum = torch.zeros(agent.population, device=batches[0].obs.device)
+    q_sum = torch.zeros_like(loss_sum)
+    for batch in batches:
+        goal = target(batch)
+        q1, q2 = twin_q(batch)
+        loss = (q1 - goal).pow(2).mean(1) + (q2 - goal).pow(2).mean(1)  # (P,)
+        # Members own disjoint parameters, so the sum's gradient is each member's own.
+        (loss.sum() / len(batches)).backward(retain_graph=agent.leaked_losses is not None)
+        if agent.leaked_losses is not None:
+            agent.leaked_losses.append(loss)
+        loss_sum += loss.detach()
+        q_sum += q1.detach().mean(1)
+    grad_norm = optimizer.step()
+    k = len(batches)
+    return {
+        "critic_loss": (loss_sum / k).tolist(),
+        "q_mean": (q_sum / k).tolist(),
+        "critic_grad_norm": grad_norm.tolist(),
+    }

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from agents.base import Batch, PopulationAgent
+from agents.base import Batch, PopulationAgent, twin_critic_step
 from agents.batched import BatchedAdam, BatchedLinear, BatchedMLP, per_member
 from config import AgentConfig
 
@@ -82,27 +82,10 @@ class DiscreteSACPopulation(PopulationAgent):
         return log_probs.exp(), log_probs
 
     def _update_critics(self, batches: Sequence[Batch]) -> dict[str, list[float]]:
-        self.critic_opt.zero_grad()
-        loss_sum = torch.zeros(self.population, device=batches[0].obs.device)
-        q_sum = torch.zeros_like(loss_sum)
-        for batch in batches:
-            target = self._td_target(batch)  # (P, B), no graph
-            q1 = (self.critic1(batch.obs) * batch.action).sum(-1)  # Q of the taken (one-hot) action
-            q2 = (self.critic2(batch.obs) * batch.action).sum(-1)
-            loss = (q1 - target).pow(2).mean(1) + (q2 - target).pow(2).mean(1)  # (P,)
-            # Members own disjoint parameters, so the sum's gradient is each member's own.
-            (loss.sum() / len(batches)).backward(retain_graph=self.leaked_losses is not None)
-            if self.leaked_losses is not None:
-                self.leaked_losses.append(loss)
-            loss_sum += loss.detach()
-            q_sum += q1.detach().mean(1)
-        grad_norm = self.critic_opt.step()
-        k = len(batches)
-        return {
-            "critic_loss": (loss_sum / k).tolist(),
-            "q_mean": (q_sum / k).tolist(),
-            "critic_grad_norm": grad_norm.tolist(),
-        }
+        def twin_q(batch: Batch) -> tuple[Tensor, Tensor]:  # Q of the taken (one-hot) action
+            return (self.critic1(batch.obs) * batch.action).sum(-1), (self.critic2(batch.obs) * batch.action).sum(-1)
+
+        return twin_critic_step(self, batches, self.critic_opt, twin_q, self._td_target)
 
     def _update_actor_and_temperature(self, batches: Sequence[Batch]) -> dict[str, list[float]]:
         """Actor: minimise ``sum_a pi(a|s) (alpha log pi(a|s) - min Q(s, a))``; then the temperature:
