@@ -71,6 +71,12 @@ class BatchedMLP(nn.Module):
         out: Tensor = self.layers[-1](x)
         return out
 
+    def neuron_groups(self) -> list[list[Tensor]]:
+        """``[weight (P, in, out), bias (P, 1, out)]`` per layer: the tensors of one layer's neurons
+        (what ``PopulationAgent.actor_layers`` returns for crossover)."""
+        layers: list[BatchedLinear] = list(self.layers)  # type: ignore[arg-type]
+        return [[layer.weight, layer.bias] for layer in layers]
+
 
 def per_member(values: Tensor, like: Tensor) -> Tensor:
     """Reshape a ``(P,)`` tensor to broadcast against ``like`` of shape ``(P, ...)``."""

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from agents.base import Batch, PopulationAgent, twin_critic_step
-from agents.batched import BatchedAdam, BatchedLinear, BatchedMLP, per_member
+from agents.batched import BatchedAdam, BatchedMLP, per_member
 from config import AgentConfig
 
 
@@ -139,8 +139,7 @@ class DiscreteSACPopulation(PopulationAgent):
         return list(self.actor.parameters())
 
     def actor_layers(self) -> list[list[Tensor]]:
-        layers: list[BatchedLinear] = list(self.actor.layers)  # type: ignore[arg-type]
-        return [[layer.weight, layer.bias] for layer in layers]
+        return self.actor.neuron_groups()
 
     def member_tensors(self) -> dict[str, Tensor]:
         tensors: dict[str, Tensor] = {}

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from agents.base import Batch, PopulationAgent, twin_critic_step
-from agents.batched import BatchedLinear, BatchedMLP, FlatAdam, FlatParameters, mlp, per_member
+from agents.batched import BatchedMLP, FlatAdam, FlatParameters, mlp, per_member
 from config import AgentConfig
 
 
@@ -188,8 +188,7 @@ class TD3Population(PopulationAgent):
         return list(self.actor.parameters())
 
     def actor_layers(self) -> list[list[Tensor]]:
-        layers: list[BatchedLinear] = list(self.actor.layers)  # type: ignore[arg-type]
-        return [[layer.weight, layer.bias] for layer in layers]
+        return self.actor.neuron_groups()
 
     def member_tensors(self) -> dict[str, Tensor]:
         tensors: dict[str, Tensor] = {}

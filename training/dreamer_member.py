@@ -30,6 +30,16 @@ MODEL_BUFFER = f"{PREFIX}model_buffer."
 """Name prefix of the model buffer's tensors in a checkpoint."""
 
 
+def member_rows(members: PopulationAgent, explore: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A policy over member-major rows: ``(P * S, obs_dim) -> (P * S, act_dim)``, rows ``p * S ...``
+    acted on by member ``p`` (how the model rollouts and screening batch all members together)."""
+
+    def act(obs: torch.Tensor) -> torch.Tensor:
+        return members.act(obs.view(members.population, -1, obs.shape[-1]), explore).flatten(0, 1)
+
+    return act
+
+
 def toggle_refused(what: str, key: str, saved: bool) -> ValueError:
     """The one-line error for a checkpoint written with(out) ``what`` resumed the other way round."""
     written = "with" if saved else "without"
@@ -111,11 +121,8 @@ class DreamerMember:
         count, starts = members.population, d.rollout_starts
         obs = torch.as_tensor(replay.sample(count, starts, self.rng)["obs"], device=self.device).flatten(0, 1)
 
-        def policy(x: torch.Tensor) -> torch.Tensor:  # (P * S, obs_dim) -> (P * S, act_dim), member-major rows
-            return members.act(x.view(count, starts, -1), True).flatten(0, 1)
-
         with torch.no_grad():
-            roll = self.agent.imagine_rollout(obs, policy, d.rollout_length)
+            roll = self.agent.imagine_rollout(obs, member_rows(members, explore=True), d.rollout_length)
         ended_before = torch.cumsum(roll["terminated"].int(), 0) - roll["terminated"].int()
         keep = ended_before == 0  # (k, P * S): before and at the first predicted termination
         for name in ("obs", "next_obs", "action", "reward"):
@@ -163,10 +170,8 @@ class DreamerMember:
         count, starts = members.population, d.screen_starts
         obs = torch.as_tensor(replay.sample(1, starts, self.rng)["obs"][0], device=self.device).repeat(count, 1)
 
-        def policy(x: torch.Tensor) -> torch.Tensor:  # (P * S, obs_dim) -> (P * S, act_dim), member-major rows
-            return members.act(x.view(count, starts, -1), False).flatten(0, 1)
-
         with torch.no_grad():
+            policy = member_rows(members, explore=False)
             value = self.agent.imagined_return(obs, policy, d.screen_horizon).view(count, starts).mean(1)
         fitness = value.double().cpu().numpy()
         return np.where(np.isfinite(fitness), fitness, -np.inf)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 from support import assert_members_equal, tensors_with_graph
+from test_dreamer_member import DREAMER
 from test_trainer import RICH, assert_same_run, lineage, metrics, resume, train
 
 from agents.sac_discrete import DiscreteSACPopulation
@@ -26,13 +27,6 @@ from training.trainer import Trainer
 TinyConfig = Callable[..., Config]
 
 CARTPOLE = {"env.id": "CartPole-v1"}
-DREAMER = {
-    "dreamer.enabled": True,
-    "dreamer.batch_size": 4,
-    "dreamer.seq_len": 16,
-    "dreamer.train_ratio": 1.0,
-    "dreamer.horizon": 5,
-}
 
 
 def test_a_discrete_run_stores_one_hot_actions_and_evolves_sac_hyperparameters(tiny_config: TinyConfig) -> None:
