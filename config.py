@@ -82,6 +82,14 @@ class AgentConfig:
     """``td3`` with ``fast_update``: ``torch.compile`` mode of the fused update's tensor functions:
     ``none``, ``default``, ``reduce-overhead`` (CUDA graphs on a GPU) or ``max-autotune``. Compiling
     takes tens of seconds on a small CPU (``benchmarks/population_update.py`` measures it); not hashed."""
+    cnn_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    """Image observations: output channels of each member's three convolutions (NatureCNN's kernels
+    8/4/3, strides 4/2/1; Mnih et al. 2015 use 32/64/64)."""
+    cnn_features: int = 512
+    """Image observations: width of the encoder's output (its linear layer), the heads' input."""
+    amp: bool = False
+    """Image observations on CUDA: the CNN encoders' forward under bf16 autocast (mixed precision);
+    refused on cpu and for flat observations."""
 
 
 @dataclass
@@ -324,6 +332,11 @@ class Config:
         _check(a.policy_delay >= 1, "agent.policy_delay must be >= 1")
         modes = ("none", "default", "reduce-overhead", "max-autotune")
         _check(a.compile in modes, f"agent.compile must be one of {', '.join(modes)}, got {a.compile!r}")
+        _check(
+            len(a.cnn_channels) == 3 and min(a.cnn_channels) >= 1,
+            "agent.cnn_channels must be three positive widths (one per convolution)",
+        )
+        _check(a.cnn_features >= 1, "agent.cnn_features must be >= 1")
         _check(self.replay.capacity >= a.batch_size, "replay.capacity must be >= agent.batch_size")
         _check(t.generations >= 1, "train.generations must be >= 1")
         for name in ("steps_per_generation", "updates_per_generation", "warmup_steps"):
@@ -385,8 +398,16 @@ EVOLVABLE = tuple(f.name[: -len("_bounds")] for f in dataclasses.fields(Evolutio
 """Every ``agent.<name>`` that has ``evolution.<name>_bounds``: an algorithm's per-member
 hyperparameters (``PopulationAgent.HYPERPARAMETERS``) are drawn from these."""
 
-ADDED_KEYS = ("agent.target_entropy", "agent.initial_alpha", "agent.alpha_lr", "evolution.target_entropy_bounds")
-"""Keys added after checkpoints were first written (with discrete actions): :meth:`Config.hash`
+ADDED_KEYS = (
+    "agent.target_entropy",
+    "agent.initial_alpha",
+    "agent.alpha_lr",
+    "evolution.target_entropy_bounds",
+    "agent.cnn_channels",
+    "agent.cnn_features",
+    "agent.amp",
+)
+"""Keys added after checkpoints were first written (with discrete actions and CNN members): :meth:`Config.hash`
 leaves them out while they hold their defaults, so those checkpoints still resume."""
 
 HOW_KEYS = ("agent.fast_update", "agent.compile")
@@ -490,10 +511,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
     },
     "pong": {
-        # Issue 14's incident shape: Atari Pong (the atari extra), 84x84x4 frames, replay 50,000, Dreamer
-        # batch 16 x sequence 50. Members need CNN encoders for pixels, not yet there: the trainer refuses it.
+        # Atari Pong (the atari extra): 84x84 frames stacked 4, Discrete(6) -> discrete SAC members with a
+        # NatureCNN encoder each (agent.cnn_*), a frame replay of 50,000 transitions (issue 14's incident
+        # shape, ~0.36 GB; SB3's Atari DQN uses 10,000), Dreamer batch 16 x sequence 50 (the member itself
+        # is refused with pixels for now). Sized for one GPU: 16 members x batch 64, one head layer of 256,
+        # 1,000 updates per generation against ~4,000 exploration steps plus every member's full evaluation
+        # episode (mostly these: an untrained member's game is ~800 steps, a good one's several thousand).
         "env": {"id": "ALE/Pong-v5"},
+        "agent": {"hidden_sizes": [256], "batch_size": 64},
         "replay": {"capacity": 50_000},
+        "train": {
+            "generations": 300,
+            "steps_per_generation": 250,
+            "updates_per_generation": 1000,
+            "accumulation_steps": 1,
+            "warmup_steps": 20_000,
+        },
         "dreamer": {"batch_size": 16, "seq_len": 50},
     },
     "halfcheetah": {

@@ -12,7 +12,8 @@ from config import AgentConfig, UserError
 
 ALGORITHMS: dict[str, type[PopulationAgent]] = {"td3": TD3Population, "sac_discrete": DiscreteSACPopulation}
 """Actor-critic variants by name; a new one subclasses PopulationAgent and registers here. Each is
-built as ``cls(population, obs_dim, act_dim, config, device)``."""
+built as ``cls(population, obs_dim, act_dim, config, device)`` (``obs_dim`` a frame-stack shape
+``(stack, H, W)`` where ``cls.IMAGES``)."""
 
 AUTO = {"box": "td3", "discrete": "sac_discrete"}
 """``agent.algorithm: auto`` picks the variant by the environment's action space."""
@@ -35,11 +36,27 @@ def algorithm_class(cfg: AgentConfig, action_kind: str) -> type[PopulationAgent]
 
 
 def make_population(
-    population: int, obs_dim: int, act_dim: int, cfg: AgentConfig, device: torch.device, action_kind: str = "box"
+    population: int,
+    obs_shape: int | tuple[int, ...],
+    act_dim: int,
+    cfg: AgentConfig,
+    device: torch.device,
+    action_kind: str = "box",
 ) -> PopulationAgent:
     """Build ``population`` members of ``cfg.algorithm`` on ``device`` for ``action_kind`` actions
-    (``act_dim`` is the action vector's width: the number of choices for ``"discrete"``)."""
-    return algorithm_class(cfg, action_kind)(population, obs_dim, act_dim, cfg, device)
+    (``act_dim`` is the action vector's width: the number of choices for ``"discrete"``) and
+    observations of ``obs_shape`` (``obs_dim`` or ``(obs_dim,)``, or frame stacks ``(stack, H, W)``,
+    which need an algorithm with a CNN member: UserError otherwise)."""
+    cls = algorithm_class(cfg, action_kind)
+    shape = (obs_shape,) if isinstance(obs_shape, int) else tuple(obs_shape)
+    if len(shape) > 1 and not cls.IMAGES:
+        name = next(n for n, c in ALGORITHMS.items() if c is cls)
+        with_cnn = [n for n, c in ALGORITHMS.items() if c.IMAGES]
+        raise UserError(
+            f"agent.algorithm {name} has no CNN member for image observations {shape}; "
+            f"image observations are supported with {', '.join(with_cnn)} (Discrete actions)"
+        )
+    return cls(population, shape[0] if len(shape) == 1 else shape, act_dim, cfg, device)  # type: ignore[arg-type]
 
 
 __all__ = [

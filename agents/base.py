@@ -41,6 +41,8 @@ class PopulationAgent(nn.Module, ABC):
     ACTION_KIND: ClassVar[str] = "box"
     """The action spaces the algorithm serves: ``"box"`` (continuous, normalised to ``[-1, 1]``) or
     ``"discrete"`` (one-hot rows)."""
+    IMAGES: ClassVar[bool] = False
+    """Whether the algorithm has a CNN member for frame-stack observations ``(stack, H, W)`` uint8."""
     HYPERPARAMETERS: ClassVar[tuple[str, ...]] = ()
     """Per-member hyperparameters, each starting at ``agent.<name>`` and evolved within
     ``evolution.<name>_bounds``; ``self.hyperparameters`` holds exactly these."""

@@ -6,6 +6,14 @@ With ``n`` actions every expectation over the policy is an exact sum over the ``
 sampling, no reparameterisation): the soft state value is ``sum_a pi(a|s) (min Q(s, a) - alpha log
 pi(a|s))``. Actions cross the interface as one-hot rows of width ``n`` (``act_dim == n``), which is
 also how the replay stores them; the environment side turns a row into its integer action.
+
+With image observations ``(stack, H, W)`` uint8 every member has one CNN encoder
+(:class:`agents.cnn.BatchedCNN`) shared by its actor and twin critics, and a Polyak-averaged target
+encoder for the target critics. Only the critics' TD loss trains the encoder; the actor and the
+temperature learn on detached features (SAC-AE, Yarats et al. 2019; DrQ, Kostrikov et al. 2020): the
+TD error is the dense learning signal, and letting the actor's loss move the shared features as well
+made SAC-AE's learning worse. Evolution mutates and crosses over the actor head, not the encoder,
+which the member's critics read too.
 """
 
 from __future__ import annotations
@@ -20,26 +28,40 @@ from torch import Tensor, nn
 
 from agents.base import Batch, PopulationAgent, twin_critic_step
 from agents.batched import BatchedAdam, BatchedMLP, per_member
+from agents.cnn import BatchedCNN
 from config import AgentConfig
 
 
 class DiscreteSACPopulation(PopulationAgent):
     """``P`` discrete SAC members over ``act_dim`` actions. Per member: ``actor_lr``, ``critic_lr``,
     ``gamma``, ``tau`` and ``target_entropy`` (a fraction of the largest entropy ``log(act_dim)``,
-    which the temperature ``alpha`` is tuned to hold)."""
+    which the temperature ``alpha`` is tuned to hold). ``obs_shape``: ``obs_dim`` (or ``(obs_dim,)``)
+    for flat observations, ``(stack, H, W)`` for uint8 frame stacks (CNN members, ``agent.cnn_*``)."""
 
     ACTION_KIND = "discrete"
+    IMAGES = True
     HYPERPARAMETERS = ("actor_lr", "critic_lr", "gamma", "tau", "target_entropy")
 
-    def __init__(self, population: int, obs_dim: int, act_dim: int, cfg: AgentConfig, device: torch.device):
+    def __init__(
+        self, population: int, obs_shape: int | Sequence[int], act_dim: int, cfg: AgentConfig, device: torch.device
+    ):
         super().__init__()
         self.population = population
         self.act_dim = act_dim
         self.cfg = cfg
+        shape = (obs_shape,) if isinstance(obs_shape, int) else tuple(obs_shape)
+        self.encoder: BatchedCNN | None = None
+        """Frame stacks only: each member's CNN, ``(P, B, stack, H, W)`` uint8 -> ``(P, B, cnn_features)``."""
+        self.encoder_target: nn.Module | None = None
+        inputs = shape[0]
+        if len(shape) > 1:
+            self.encoder = BatchedCNN(population, shape, cfg.cnn_channels, cfg.cnn_features, amp=cfg.amp).to(device)
+            self.encoder_target = _frozen_copy(self.encoder)
+            inputs = cfg.cnn_features
         hidden = cfg.hidden_sizes
-        self.actor = BatchedMLP(population, obs_dim, hidden, act_dim).to(device)
-        self.critic1 = BatchedMLP(population, obs_dim, hidden, act_dim).to(device)
-        self.critic2 = BatchedMLP(population, obs_dim, hidden, act_dim).to(device)
+        self.actor = BatchedMLP(population, inputs, hidden, act_dim).to(device)
+        self.critic1 = BatchedMLP(population, inputs, hidden, act_dim).to(device)
+        self.critic2 = BatchedMLP(population, inputs, hidden, act_dim).to(device)
         self.critic1_target = _frozen_copy(self.critic1)
         self.critic2_target = _frozen_copy(self.critic2)
         self.log_alpha = nn.Parameter(torch.full((population, 1), math.log(cfg.initial_alpha), device=device))
@@ -48,7 +70,8 @@ class DiscreteSACPopulation(PopulationAgent):
             name: torch.full((population,), float(getattr(cfg, name)), device=device) for name in self.HYPERPARAMETERS
         }
         self.alpha_lr = torch.full((population,), cfg.alpha_lr, device=device)
-        critic_params = [*self.critic1.parameters(), *self.critic2.parameters()]
+        encoder_params = [] if self.encoder is None else list(self.encoder.parameters())
+        critic_params = [*encoder_params, *self.critic1.parameters(), *self.critic2.parameters()]
         clip = cfg.max_grad_norm
         self.actor_opt = BatchedAdam(
             list(self.actor.parameters()), self.hyperparameters["actor_lr"], max_grad_norm=clip
@@ -62,11 +85,11 @@ class DiscreteSACPopulation(PopulationAgent):
     def act(self, obs: Tensor, explore: bool) -> Tensor:
         """``obs (P, N, obs_dim)`` -> one-hot actions ``(P, N, act_dim)``: a draw from the policy
         when exploring (Gumbel-max, from torch's global generator), its most likely action otherwise."""
-        logits = self.actor(obs)
+        logits = self.actor(self._features(obs))
         if explore:
             uniform = torch.rand_like(logits).clamp_(min=1e-20)
             logits = logits - uniform.log_().neg_().log_()
-        return F.one_hot(logits.argmax(-1), self.act_dim).to(obs.dtype)
+        return F.one_hot(logits.argmax(-1), self.act_dim).to(logits.dtype)
 
     # ------------------------------------------------------------ learning
 
@@ -76,14 +99,24 @@ class DiscreteSACPopulation(PopulationAgent):
         self._update_targets()
         return metrics
 
-    def _policy(self, obs: Tensor) -> tuple[Tensor, Tensor]:
-        """``(probs, log_probs)`` of the actor at ``obs (P, B, obs_dim)``, each ``(P, B, act_dim)``."""
-        log_probs = F.log_softmax(self.actor(obs), -1)
+    def _features(self, obs: Tensor) -> Tensor:
+        """What the heads read: ``obs (P, B, obs_dim)`` itself, or the encoder's ``(P, B, cnn_features)``
+        of frame stacks ``(P, B, stack, H, W)`` uint8."""
+        return obs if self.encoder is None else self.encoder(obs)
+
+    def _target_features(self, obs: Tensor) -> Tensor:
+        """:meth:`_features` through the target encoder (what the target critics read)."""
+        return obs if self.encoder_target is None else self.encoder_target(obs)
+
+    def _policy(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """``(probs, log_probs)`` of the actor at ``features (P, B, in)``, each ``(P, B, act_dim)``."""
+        log_probs = F.log_softmax(self.actor(features), -1)
         return log_probs.exp(), log_probs
 
     def _update_critics(self, batches: Sequence[Batch]) -> dict[str, list[float]]:
-        def twin_q(batch: Batch) -> tuple[Tensor, Tensor]:  # Q of the taken (one-hot) action
-            return (self.critic1(batch.obs) * batch.action).sum(-1), (self.critic2(batch.obs) * batch.action).sum(-1)
+        def twin_q(batch: Batch) -> tuple[Tensor, Tensor]:  # Q of the taken (one-hot) action; trains the encoder
+            features = self._features(batch.obs)
+            return (self.critic1(features) * batch.action).sum(-1), (self.critic2(features) * batch.action).sum(-1)
 
         return twin_critic_step(self, batches, self.critic_opt, twin_q, self._td_target)
 
@@ -95,9 +128,10 @@ class DiscreteSACPopulation(PopulationAgent):
         entropy_sum = torch.zeros_like(loss_sum)
         alpha = self.log_alpha.detach().exp()  # (P, 1)
         for batch in batches:
-            with torch.no_grad():
-                q = torch.min(self.critic1(batch.obs), self.critic2(batch.obs))  # (P, B, n)
-            probs, log_probs = self._policy(batch.obs)
+            with torch.no_grad():  # the actor learns on detached features
+                features = self._features(batch.obs)
+                q = torch.min(self.critic1(features), self.critic2(features))  # (P, B, n)
+            probs, log_probs = self._policy(features)
             loss = (probs * (alpha.unsqueeze(-1) * log_probs - q)).sum(-1).mean(1)  # (P,)
             (loss.sum() / len(batches)).backward()
             loss_sum += loss.detach()
@@ -119,8 +153,9 @@ class DiscreteSACPopulation(PopulationAgent):
     @torch.no_grad()
     def _td_target(self, batch: Batch) -> Tensor:
         """Soft clipped double-Q target ``(P, B)``: the exact expectation over the next policy."""
-        probs, log_probs = self._policy(batch.next_obs)
-        next_q = torch.min(self.critic1_target(batch.next_obs), self.critic2_target(batch.next_obs))
+        probs, log_probs = self._policy(self._features(batch.next_obs))
+        target_features = self._target_features(batch.next_obs)
+        next_q = torch.min(self.critic1_target(target_features), self.critic2_target(target_features))
         alpha = self.log_alpha.exp().unsqueeze(-1)  # (P, 1, 1)
         next_v = (probs * (next_q - alpha * log_probs)).sum(-1)
         gamma = self.hyperparameters["gamma"].unsqueeze(1)
@@ -129,13 +164,20 @@ class DiscreteSACPopulation(PopulationAgent):
     @torch.no_grad()
     def _update_targets(self) -> None:
         tau = self.hyperparameters["tau"]
-        for online, target in ((self.critic1, self.critic1_target), (self.critic2, self.critic2_target)):
+        pairs: list[tuple[nn.Module, nn.Module]] = [
+            (self.critic1, self.critic1_target),
+            (self.critic2, self.critic2_target),
+        ]
+        if self.encoder is not None and self.encoder_target is not None:
+            pairs.append((self.encoder, self.encoder_target))
+        for online, target in pairs:
             for p, t in zip(online.parameters(), target.parameters(), strict=True):
                 t.lerp_(p, per_member(tau, t))
 
     # ------------------------------------------------------------ members
 
     def actor_parameters(self) -> list[Tensor]:
+        """The actor head (the encoder is the critics' too: evolution leaves it alone)."""
         return list(self.actor.parameters())
 
     def actor_layers(self) -> list[list[Tensor]]:
@@ -143,7 +185,9 @@ class DiscreteSACPopulation(PopulationAgent):
 
     def member_tensors(self) -> dict[str, Tensor]:
         tensors: dict[str, Tensor] = {}
-        for name in ("actor", "critic1", "critic2", "critic1_target", "critic2_target"):
+        networks = ["actor", "critic1", "critic2", "critic1_target", "critic2_target"]
+        networks += ["encoder", "encoder_target"] if self.encoder is not None else []
+        for name in networks:
             for pname, p in getattr(self, name).named_parameters():
                 tensors[f"{name}.{pname}"] = p.data
         tensors["log_alpha"] = self.log_alpha.data

@@ -14,7 +14,10 @@ from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation, TimeLi
 
 from config import EnvConfig, UserError
 
-SUPPORTED = "flat Box observations (1-D vectors); Box actions with finite bounds or Discrete actions"
+SUPPORTED = (
+    "flat Box observations (1-D vectors) or uint8 frame stacks (stack, H, W) with Discrete actions; "
+    "Box actions with finite bounds or Discrete actions"
+)
 
 
 DEFAULT_EPISODE_LIMIT = 1_000
@@ -113,12 +116,12 @@ def _instantiate(env_id: str, max_episode_steps: int) -> gym.Env:
 def check_spaces(env: gym.Env, env_id: str) -> None:
     """Raise UserError unless the spaces are ones this trainer supports."""
     obs, act = env.observation_space, env.action_space
-    if isinstance(obs, gym.spaces.Box) and len(obs.shape) in (2, 3):
+    if isinstance(obs, gym.spaces.Box) and len(obs.shape) in (2, 3) and not is_frame_stack(obs):
         raise UserError(
-            f"env {env_id!r} has image observations {obs}; image observations need CNN members "
-            f"(not yet supported); supported: {SUPPORTED}"
+            f"env {env_id!r} has image observations {obs}; CNN members take uint8 frame stacks "
+            f"(stack, H, W), e.g. FrameStackObservation of grayscale frames (ALE/... ids); supported: {SUPPORTED}"
         )
-    if not (isinstance(obs, gym.spaces.Box) and len(obs.shape) == 1):
+    if not (isinstance(obs, gym.spaces.Box) and (len(obs.shape) == 1 or is_frame_stack(obs))):
         raise UserError(f"env {env_id!r} has observation space {obs}; supported: {SUPPORTED}")
     if isinstance(act, gym.spaces.Discrete):
         return
@@ -128,9 +131,20 @@ def check_spaces(env: gym.Env, env_id: str) -> None:
         raise UserError(f"env {env_id!r} has unbounded actions {act}; supported: {SUPPORTED}")
 
 
+def is_frame_stack(space: gym.Space) -> bool:
+    """Whether ``space`` holds frame stacks ``(stack, H, W)`` uint8, fewer frames than pixels a side
+    (what ``FrameStackObservation`` of grayscale frames gives; not a channels-last ``(H, W, 3)`` image)."""
+    if not (isinstance(space, gym.spaces.Box) and space.dtype == np.uint8 and len(space.shape) == 3):
+        return False
+    stack, height, width = space.shape
+    return stack < min(height, width)
+
+
 class EnvPool:
     """``E`` environments stepped in lockstep, auto-resetting finished episodes.
 
+    Observations are ``(E, *obs_shape)`` of ``obs_dtype``: float32 vectors ``(E, obs_dim)``, or uint8
+    frame stacks ``(E, stack, H, W)`` kept as uint8 (frames become floats on the device, in the agent).
     ``Box`` actions come in normalised to ``[-1, 1]`` and are rescaled to each env's bounds;
     ``Discrete(n)`` actions come in as rows of width ``n`` whose largest entry is the choice
     (one-hot rows, as agents and the replay hold them). Stream ``e`` belongs to member
@@ -150,16 +164,21 @@ class EnvPool:
             self.low = space.low.astype(np.float32)
             self.high = space.high.astype(np.float32)
             self.act_dim = int(space.shape[0])
-        self.obs_dim = int(self.envs[0].observation_space.shape[0])  # type: ignore[index]
+        obs_space = self.envs[0].observation_space
+        self.obs_shape: tuple[int, ...] = tuple(int(s) for s in obs_space.shape or ())
+        """One observation's shape: ``(obs_dim,)`` or a frame stack ``(stack, H, W)``."""
+        self.obs_dtype = np.dtype(np.uint8) if is_frame_stack(obs_space) else np.dtype(np.float32)
+        self.obs_dim = int(np.prod(self.obs_shape))
+        """Values in one observation (its width, for flat observations)."""
         self.max_episode_steps = episode_limit(self.envs[0]) or DEFAULT_EPISODE_LIMIT
         """Steps after which an episode is cut (every env is built the same way)."""
-        self.obs = np.zeros((count, self.obs_dim), np.float32)
+        self.obs = np.zeros((count, *self.obs_shape), self.obs_dtype)
 
     def __len__(self) -> int:
         return len(self.envs)
 
     def reset(self, seeds: np.ndarray) -> np.ndarray:
-        """Reset every env with its own seed; returns observations ``(E, obs_dim)``."""
+        """Reset every env with its own seed; returns observations ``(E, *obs_shape)``."""
         for e, env in enumerate(self.envs):
             obs, _ = env.reset(seed=int(seeds[e]))
             self.obs[e] = obs
@@ -189,7 +208,7 @@ class EnvPool:
         the observations to act on next.
         """
         count = len(self.envs)
-        next_obs = np.zeros((count, self.obs_dim), np.float32)
+        next_obs = np.zeros((count, *self.obs_shape), self.obs_dtype)
         reward = np.zeros(count, np.float32)
         terminated = np.zeros(count, np.bool_)
         truncated = np.zeros(count, np.bool_)
@@ -200,7 +219,8 @@ class EnvPool:
             if term or trunc:
                 obs, _ = env.reset()
             self.obs[e] = obs
-        if not np.all(np.isfinite(next_obs)) or not np.all(np.isfinite(reward)):
+        finite_obs = self.obs_dtype == np.uint8 or np.all(np.isfinite(next_obs))
+        if not finite_obs or not np.all(np.isfinite(reward)):
             spec = self.envs[0].spec
             name = spec.id if spec is not None else type(self.envs[0].unwrapped).__name__
             raise UserError(f"env {name!r} returned a non-finite observation or reward (NaN or inf)")

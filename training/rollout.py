@@ -12,6 +12,7 @@ import torch
 
 from agents import PopulationAgent
 from training.envs import EnvPool
+from training.frames import FrameReplay
 from training.replay import PackedStreams, ReplayBuffer, Transitions
 
 
@@ -75,7 +76,7 @@ class MemberSubset:
 def rollout(
     agent: PopulationAgent | StreamActor,
     pool: EnvPool,
-    replay: ReplayBuffer | PackedStreams | None,
+    replay: ReplayBuffer | FrameReplay | PackedStreams | None,
     seeds: np.ndarray,
     *,
     explore: bool,
@@ -139,7 +140,7 @@ def _policy(agent: PopulationAgent | StreamActor, explore: bool) -> Callable[[np
 def _act(agent: PopulationAgent, obs: np.ndarray, members: int, explore: bool, device: torch.device) -> np.ndarray:
     """``obs (E, obs_dim)`` -> actions ``(E, act_dim)``; stream ``e`` is member ``e // (E / P)``."""
     with torch.inference_mode(), _one_cpu_thread(device):
-        batch = torch.as_tensor(obs, device=device).view(members, -1, obs.shape[-1])
+        batch = torch.as_tensor(obs, device=device).view(members, -1, *obs.shape[1:])
         action = agent.act(batch, explore).reshape(obs.shape[0], -1).cpu().numpy().astype(np.float32, copy=False)
     # A diverged member (non-finite weights) must not crash the environments: it plays
     # neutral actions and the trainer gives it fitness -inf, so evolution replaces it.

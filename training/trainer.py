@@ -22,11 +22,13 @@ from training import oom
 from training.dreamer_member import DreamerMember, toggle_refused
 from training.envs import EnvPool, make_env
 from training.evolution import Evolution
+from training.frames import make_replay
 from training.replay import PackedStreams, ReplayBuffer
 from training.report import MetricsLog, ProgressBar, status_block
 from training.rollout import MemberSubset, episode_quota, rollout
 from training.sentinel import LeakSentinel, LeakWarning, spearman
 from training.signals import check_stop, stop_requested
+from training.staging import PinnedStaging, batch_dtype
 from training.telemetry import TelemetryHistory, memory_snapshot
 
 PHASE_EXPLORE, PHASE_EVALUATE = 0, 1
@@ -36,6 +38,22 @@ def evolved_hyperparameters(cfg: Config, agent: type[PopulationAgent]) -> tuple[
     """The hyperparameters evolution changes: the algorithm's own, less those that only shape
     exploration (TD3's noise) when no exploration steps are taken (``train.steps_per_generation`` 0)."""
     return agent.evolved_hyperparameters(explores=cfg.train.steps_per_generation > 0)
+
+
+def _check_pixels(cfg: Config, pool: EnvPool, device: torch.device) -> None:
+    """One-line refusals of what image observations do not support yet, and of ``agent.amp`` where
+    it would do nothing (it autocasts the CNN encoders on CUDA)."""
+    pixels = len(pool.obs_shape) > 1
+    if pixels and cfg.dreamer.enabled:
+        raise UserError(
+            f"dreamer.enabled with image observations {pool.obs_shape} is not yet supported "
+            "(the Dreamer member has no CNN world model yet); set dreamer.enabled=false"
+        )
+    if cfg.agent.amp and (device.type != "cuda" or not pixels):
+        where = f"runs on {device.type}" if device.type != "cuda" else "has flat observations"
+        raise UserError(
+            f"agent.amp (bf16 autocast of the CNN encoders) needs CUDA and image observations; this run {where}"
+        )
 
 
 class TrainingDiverged(UserError):
@@ -82,16 +100,20 @@ class Trainer:
         torch.manual_seed(seed)
         self.population = cfg.population
         self.pool = EnvPool(lambda: make_env(cfg.env), cfg.population * cfg.env.envs_per_member)
+        _check_pixels(cfg, self.pool, device)
         kind = self.pool.action_kind
-        self.agent = make_population(cfg.population, self.pool.obs_dim, self.pool.act_dim, cfg.agent, device, kind)
-        self.replay = ReplayBuffer(
+        self.agent = make_population(cfg.population, self.pool.obs_shape, self.pool.act_dim, cfg.agent, device, kind)
+        self.replay = make_replay(  # a FrameReplay (each frame stored once) for frame stacks
             cfg.replay.capacity,
             len(self.pool),
-            self.pool.obs_dim,
+            self.pool.obs_shape,
+            self.pool.obs_dtype,
             self.pool.act_dim,
             seed=seed + 1,
             shard_mb=cfg.run.replay_shard_mb,
         )
+        self.staging = PinnedStaging(device) if device.type == "cuda" else None
+        """CUDA: the reusable pinned buffers every replay sample goes to the device through."""
         self.stored_blobs: dict[str, ckpt.BlobRef] = {}
         """Replay shards in the newest local checkpoint, referenced again while unchanged."""
         self.checkpoint_s = 0.0
@@ -282,7 +304,7 @@ class Trainer:
         world model has had ``dreamer.imagine_after`` updates."""
         if self.dreamer is None or not self.cfg.dreamer.screen or not self.dreamer.imagination_ready:
             return None
-        return self.dreamer.screen(self.replay, self.agent)
+        return self.dreamer.screen(self.flat_replay, self.agent)
 
     def _members_to_evaluate(self, generation: int, imagined: np.ndarray | None) -> list[int]:
         """Sorted slots that play for real: all of them without screening and on check generations;
@@ -305,7 +327,7 @@ class Trainer:
         quota = episode_quota(self.cfg.train.eval_episodes, per_member, len(members))
         streams = (np.asarray(members)[:, None] * per_member + np.arange(per_member)).ravel()
         replay = self.replay if self.cfg.train.eval_to_replay else None
-        packed = None if everyone or replay is None else PackedStreams(replay, len(streams))
+        packed = None if everyone or replay is None else PackedStreams(self.flat_replay, len(streams))
         result = rollout(
             self.agent if everyone else MemberSubset(self.agent, members, per_member),
             self.pool if everyone else self.pool.subset(streams),
@@ -332,10 +354,10 @@ class Trainer:
         updates = self.dreamer.updates_due(self.counters.env_steps, trainable)
         if updates == 0:
             return {"dreamer_updates": 0.0}
-        out = self.dreamer.train(self.replay, updates, lambda: self._safe_point(bar, "dreamer"))
-        out |= self.dreamer.reward_error(self.replay)
+        out = self.dreamer.train(self.flat_replay, updates, lambda: self._safe_point(bar, "dreamer"))
+        out |= self.dreamer.reward_error(self.flat_replay)
         if d.model_rollouts and out["dreamer_finite"] and self.dreamer.imagination_ready:
-            out |= self.dreamer.branch_rollouts(self.replay, self.agent)
+            out |= self.dreamer.branch_rollouts(self.flat_replay, self.agent)
         return out
 
     def model_micro_batches(self, update: int) -> int:
@@ -379,6 +401,13 @@ class Trainer:
 
     # ------------------------------------------------------------ helpers
 
+    @property
+    def flat_replay(self) -> ReplayBuffer:
+        """The replay as the Dreamer member and screening take it: a ``ReplayBuffer`` (with frame
+        stacks the member is refused, see ``_check_pixels``)."""
+        assert isinstance(self.replay, ReplayBuffer), "the Dreamer member needs flat observations"
+        return self.replay
+
     def _safe_point(self, bar: ProgressBar, phase: str) -> None:
         """Between two env steps or optimizer steps: advance the bar, honour a stop signal."""
         if stop_requested() is not None:  # the message is built only when it is needed
@@ -397,10 +426,12 @@ class Trainer:
         assert source is not None
         p, b = self.population, self.cfg.agent.batch_size
         arrays = source.sample(count * p, b)
-        fields = [
-            torch.as_tensor(a, dtype=torch.float32, device=self.device).view(count, p, *a.shape[1:])
-            for a in (arrays[name] for name in ("obs", "action", "reward", "next_obs", "terminated"))
-        ]
+        names = ("obs", "action", "reward", "next_obs", "terminated")
+        if self.staging is not None and not model:
+            tensors = self.staging.to_device({name: arrays[name] for name in names})
+        else:  # fresh owning arrays: on cpu the tensors share their memory, with no copy
+            tensors = {n: torch.as_tensor(arrays[n], dtype=batch_dtype(arrays[n]), device=self.device) for n in names}
+        fields = [tensors[name].view(count, p, *tensors[name].shape[1:]) for name in names]
         return [Batch(*(field[k] for field in fields)) for k in range(count)]
 
     def _seeds(self, generation: int, phase: int, count: int = 0) -> np.ndarray:

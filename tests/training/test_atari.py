@@ -14,7 +14,7 @@ from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation
 from config import EnvConfig, UserError, build_config
 from main import cli
 from tests.test_main import assert_one_line_user_error
-from training.envs import ATARI_EPISODE_LIMIT, ATARI_INSTALL, episode_limit, make_atari, make_env
+from training.envs import ATARI_EPISODE_LIMIT, ATARI_INSTALL, check_spaces, episode_limit, make_atari, make_env
 
 pytest.importorskip("ale_py")
 
@@ -63,13 +63,20 @@ def test_an_unknown_atari_game_is_one_line() -> None:
     assert "\n" not in str(refused.value)
 
 
-def test_image_observations_are_refused_for_the_population_for_now() -> None:
-    with pytest.raises(UserError, match=r"image observations need CNN members \(not yet supported\)") as refused:
-        make_env(EnvConfig(id="ALE/Pong-v5"))
+def test_frame_stacks_pass_the_space_check_and_channels_last_images_are_refused_in_one_line() -> None:
+    env = make_env(EnvConfig(id="ALE/Pong-v5"))  # (4, 84, 84) uint8: CNN members take it
+    assert env.observation_space.shape == (4, 84, 84)
+    env.close()
+    rgb = gym.make("ALE/Pong-v5", frameskip=4)  # raw (210, 160, 3) RGB frames, not stacked
+    with pytest.raises(UserError, match=r"CNN members take uint8 frame stacks \(stack, H, W\)") as refused:
+        check_spaces(rgb, "rgb")
     assert "\n" not in str(refused.value)
+    rgb.close()
 
 
-def test_the_pong_preset_is_the_incidents_shape_and_is_refused_in_one_line(tmp_path: Path) -> None:
+def test_the_pong_preset_keeps_the_incidents_shape_and_refuses_what_pixels_lack_in_one_line(
+    tmp_path: Path,
+) -> None:
     cfg = build_config("pong")
     assert (cfg.env.id, cfg.replay.capacity, cfg.dreamer.batch_size, cfg.dreamer.seq_len) == (
         "ALE/Pong-v5",
@@ -77,6 +84,12 @@ def test_the_pong_preset_is_the_incidents_shape_and_is_refused_in_one_line(tmp_p
         16,
         50,
     )
-    result = CliRunner().invoke(cli, ["--preset", "pong", "--run-dir", str(tmp_path / "runs")])
-    assert_one_line_user_error(result, "image observations need CNN members (not yet supported)")
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing written
+    runs = str(tmp_path / "runs")
+    refusals = [
+        (["--set", "dreamer.enabled=true"], "dreamer.enabled with image observations (4, 84, 84) is not yet supported"),
+        (["--set", "agent.algorithm=td3"], "agent.algorithm 'td3' needs box actions"),
+        (["--set", "agent.amp=true", "--device", "cpu"], "agent.amp (bf16 autocast of the CNN encoders) needs CUDA"),
+    ]
+    for flags, message in refusals:
+        result = CliRunner().invoke(cli, ["--preset", "pong", "--run-dir", runs, *flags])
+        assert_one_line_user_error(result, message)
