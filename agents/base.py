@@ -62,8 +62,12 @@ class PopulationAgent(nn.Module, ABC):
         return tuple(name for name in cls.HYPERPARAMETERS if explores or name not in cls.EXPLORATION_ONLY)
 
     @abstractmethod
-    def act(self, obs: Tensor, explore: bool) -> Tensor:
-        """act(obs (P, N, obs_dim), explore) -> actions (P, N, act_dim) in [-1, 1], no graph."""
+    def act(self, obs: Tensor, explore: bool, noise: Tensor | None = None) -> Tensor:
+        """act(obs (P, N, obs_dim), explore) -> actions (P, N, act_dim) in [-1, 1], no graph.
+
+        ``noise (P, N, act_dim)``: uniform draws in ``[0, 1)`` that exploration uses instead of torch's
+        global generator (rollouts pass per-stream draws, so actions do not depend on which process
+        plays which streams); None: draws from the global generator."""
         raise NotImplementedError("act(obs (P, N, obs_dim), explore) -> actions (P, N, act_dim)")
 
     @abstractmethod

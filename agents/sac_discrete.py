@@ -82,12 +82,13 @@ class DiscreteSACPopulation(PopulationAgent):
     # ------------------------------------------------------------ acting
 
     @torch.no_grad()
-    def act(self, obs: Tensor, explore: bool) -> Tensor:
+    def act(self, obs: Tensor, explore: bool, noise: Tensor | None = None) -> Tensor:
         """``obs (P, N, obs_dim)`` -> one-hot actions ``(P, N, act_dim)``: a draw from the policy
-        when exploring (Gumbel-max, from torch's global generator), its most likely action otherwise."""
+        when exploring (Gumbel-max on ``noise``, uniform draws ``(P, N, act_dim)``, or on torch's
+        global generator without it), its most likely action otherwise."""
         logits = self.actor(self._features(obs))
         if explore:
-            uniform = torch.rand_like(logits).clamp_(min=1e-20)
+            uniform = (torch.rand_like(logits) if noise is None else noise.clone()).clamp_(min=1e-20)
             logits = logits - uniform.log_().neg_().log_()
         return F.one_hot(logits.argmax(-1), self.act_dim).to(logits.dtype)
 

@@ -51,11 +51,12 @@ class TD3Population(PopulationAgent):
     # ------------------------------------------------------------ acting
 
     @torch.no_grad()
-    def act(self, obs: Tensor, explore: bool) -> Tensor:
+    def act(self, obs: Tensor, explore: bool, noise: Tensor | None = None) -> Tensor:
         action = self.actor(obs).tanh_()
         if explore:
-            noise = torch.randn_like(action).mul_(per_member(self.hyperparameters["exploration_noise"], action))
-            action.add_(noise).clamp_(-1.0, 1.0)
+            # Uniform draws become standard normal ones through the inverse normal CDF (tails cut at ~5 sigma).
+            normal = torch.randn_like(action) if noise is None else torch.special.ndtri(noise.clamp(1e-7, 1 - 1e-7))
+            action.add_(normal.mul_(per_member(self.hyperparameters["exploration_noise"], action))).clamp_(-1.0, 1.0)
         return action
 
     # ------------------------------------------------------------ learning

@@ -12,8 +12,7 @@ import torch
 
 from agents import PopulationAgent
 from training.envs import EnvPool
-from training.frames import FrameReplay
-from training.replay import PackedStreams, ReplayBuffer, Transitions
+from training.replay import Transitions
 
 
 @runtime_checkable
@@ -26,6 +25,12 @@ class StreamActor(Protocol):
         """``obs (E, obs_dim)``, ``is_first (E,)`` bool -> actions ``(E, act_dim)`` float32 in ``[-1, 1]``
         (one-hot rows for ``Discrete`` actions)."""
         ...
+
+
+class TransitionSink(Protocol):
+    """Where a rollout's steps go: the replay, ``PackedStreams``, or a Ray worker's recorder."""
+
+    def add(self, step: Transitions) -> None: ...
 
 
 @dataclass
@@ -73,10 +78,26 @@ class MemberSubset:
         return action.reshape(self.agent.population, self.per_member, -1)[self.members].reshape(len(obs), -1)
 
 
+class StreamNoise:
+    """Each stream's own generator of exploration noise, seeded from its reset seed: the draws are a
+    pure function of (seed, generation, phase, stream, step), whichever process plays the stream."""
+
+    KEY = 0x6E6F697365
+    """Mixed into every stream's seed so its noise is not the environment's own reset stream."""
+
+    def __init__(self, seeds: np.ndarray, width: int) -> None:
+        self.generators = [np.random.default_rng([int(s), self.KEY]) for s in seeds]
+        self.width = width
+
+    def draw(self) -> np.ndarray:
+        """One step's uniform draws in ``[0, 1)``, ``(E, width)`` float32."""
+        return np.stack([g.random(self.width, np.float32) for g in self.generators])
+
+
 def rollout(
     agent: PopulationAgent | StreamActor,
     pool: EnvPool,
-    replay: ReplayBuffer | FrameReplay | PackedStreams | None,
+    replay: TransitionSink | None,
     seeds: np.ndarray,
     *,
     explore: bool,
@@ -84,6 +105,7 @@ def rollout(
     episodes_per_stream: int | np.ndarray = 0,
     random_steps: int = 0,
     step_multiple: int = 1,
+    min_steps: int = 0,
     on_step: Callable[[int], None] | None = None,
 ) -> RolloutResult:
     """Reset every stream with its seed, then step all streams together.
@@ -91,7 +113,8 @@ def rollout(
     Stops after ``steps`` steps, or once every stream completed its ``episodes_per_stream``
     episodes (an int, or one count per stream ``(E,)``; streams that finish early keep playing,
     their data is not wasted), after a multiple of ``step_multiple`` steps (what ``PackedStreams``
-    needs). The first ``random_steps`` steps take uniform random actions.
+    needs), and not before ``min_steps`` steps. The first ``random_steps`` steps take uniform random
+    actions; those and the exploration noise come from each stream's ``StreamNoise``.
     Each step's transitions, ``E = P * envs_per_member`` of them, go to ``replay``; a stream
     cut by the end of the rollout is marked truncated (it bootstraps, it is not terminal).
     """
@@ -100,6 +123,7 @@ def rollout(
     if (steps > 0) == bool(quota.max() > 0):
         raise ValueError("rollout needs exactly one of steps or episodes_per_stream")
     act = _policy(agent, explore)
+    noise = StreamNoise(seeds, pool.act_dim) if explore or random_steps else None
     obs = pool.reset(seeds)
     is_first = np.ones(count, np.bool_)
     running = np.zeros(count, np.float64)
@@ -107,8 +131,8 @@ def rollout(
     taken = 0
     done = False
     while not done:
-        random = taken < random_steps
-        action = (torch.rand(count, pool.act_dim) * 2 - 1).numpy() if random else act(obs, is_first)
+        uniform = noise.draw() if noise is not None else None
+        action = uniform * 2 - 1 if uniform is not None and taken < random_steps else act(obs, is_first, uniform)
         action = pool.canonical(action)  # Discrete: one-hot rows (a random row becomes a random choice)
         next_obs, reward, terminated, truncated = pool.step(action)
         taken += 1
@@ -118,7 +142,7 @@ def rollout(
             returns[e].append(float(running[e]))
             running[e] = 0.0
         done = taken >= steps if steps > 0 else all(len(r) >= q for r, q in zip(returns, quota, strict=True))
-        done = done and taken % step_multiple == 0
+        done = done and taken % step_multiple == 0 and taken >= min_steps
         cut = ~ended if done else np.zeros(count, np.bool_)
         if replay is not None:
             replay.add(Transitions(obs, action, reward, next_obs, terminated, truncated | cut, is_first))
@@ -129,19 +153,32 @@ def rollout(
     return RolloutResult(env_steps=taken * count, episode_returns=returns)
 
 
-def _policy(agent: PopulationAgent | StreamActor, explore: bool) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """``(obs (E, obs_dim), is_first (E,)) -> actions (E, act_dim)``, resolved once per rollout."""
+Policy = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
+"""``(obs (E, obs_dim), is_first (E,), noise (E, act_dim) or None) -> actions (E, act_dim)``."""
+
+
+def _policy(agent: PopulationAgent | StreamActor, explore: bool) -> Policy:
+    """The rollout's policy, resolved once per rollout (a ``StreamActor`` keeps its own noise)."""
     if isinstance(agent, StreamActor):
-        return lambda obs, is_first: agent.act_streams(obs, is_first, explore)
+        return lambda obs, is_first, _: agent.act_streams(obs, is_first, explore)
     device = next(agent.parameters()).device
-    return lambda obs, _: _act(agent, obs, agent.population, explore, device)
+    return lambda obs, _, noise: _act(agent, obs, agent.population, explore, device, noise)
 
 
-def _act(agent: PopulationAgent, obs: np.ndarray, members: int, explore: bool, device: torch.device) -> np.ndarray:
-    """``obs (E, obs_dim)`` -> actions ``(E, act_dim)``; stream ``e`` is member ``e // (E / P)``."""
+def _act(
+    agent: PopulationAgent,
+    obs: np.ndarray,
+    members: int,
+    explore: bool,
+    device: torch.device,
+    noise: np.ndarray | None = None,
+) -> np.ndarray:
+    """``obs (E, obs_dim)`` -> actions ``(E, act_dim)``; stream ``e`` is member ``e // (E / P)``;
+    ``noise (E, act_dim)`` uniform draws for exploration (None: torch's global generator)."""
     with torch.inference_mode(), _one_cpu_thread(device):
         batch = torch.as_tensor(obs, device=device).view(members, -1, *obs.shape[1:])
-        action = agent.act(batch, explore).reshape(obs.shape[0], -1).cpu().numpy().astype(np.float32, copy=False)
+        draws = None if noise is None else torch.as_tensor(noise, device=device).view(members, -1, noise.shape[-1])
+        action = agent.act(batch, explore, draws).reshape(obs.shape[0], -1).cpu().numpy().astype(np.float32, copy=False)
     # A diverged member (non-finite weights) must not crash the environments: it plays
     # neutral actions and the trainer gives it fitness -inf, so evolution replaces it.
     return np.nan_to_num(action, nan=0.0, posinf=1.0, neginf=-1.0)

@@ -12,7 +12,7 @@ from agents.batched import BatchedLinear
 from config import AgentConfig, EnvConfig
 from training.envs import EnvPool, make_env
 from training.replay import ReplayBuffer
-from training.rollout import MemberSubset, RolloutResult, _act, episode_quota, rollout
+from training.rollout import MemberSubset, RolloutResult, StreamNoise, _act, episode_quota, rollout
 
 MEMBERS, PER_MEMBER = 2, 2
 STREAMS = MEMBERS * PER_MEMBER
@@ -170,9 +170,9 @@ def test_collection_builds_no_autograd_graph(pendulum: Any, explore: bool) -> No
     seen: list[tuple[str, bool]] = []
     act = agent.act
 
-    def checked_act(obs: torch.Tensor, explore: bool) -> torch.Tensor:
+    def checked_act(obs: torch.Tensor, explore: bool, noise: torch.Tensor | None = None) -> torch.Tensor:
         seen.append(("act called with grad enabled", torch.is_grad_enabled()))
-        action = act(obs, explore)
+        action = act(obs, explore, noise)
         seen.append(("action requires grad", action.requires_grad or action.grad_fn is not None))
         return action
 
@@ -221,3 +221,12 @@ def test_a_subset_pool_steps_only_its_own_environments(counter: Any) -> None:
     assert result.env_steps == 6 * PER_MEMBER  # 5-step episodes, stopped at a multiple of 3
     stepped = [env.unwrapped.total_steps for env in pool.envs]
     assert [stepped[e] for e in streams] == [6] * PER_MEMBER and sum(stepped) == 6 * PER_MEMBER
+
+
+def test_stream_noise_is_a_function_of_each_streams_seed_alone() -> None:
+    """A stream's exploration draws do not depend on which other streams a process plays with it."""
+    together = StreamNoise(np.array([11, 22, 33]), 2)
+    alone = StreamNoise(np.array([22]), 2)
+    for _ in range(3):
+        assert np.array_equal(together.draw()[1:2], alone.draw())
+    assert not np.array_equal(StreamNoise(np.array([11]), 2).draw(), StreamNoise(np.array([22]), 2).draw())
