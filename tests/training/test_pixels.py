@@ -1,0 +1,84 @@
+"""The population on Atari Pong end to end (tiny sizes): CNN members learn from uint8 frames stored
+once in the trainer's FrameReplay, checkpoint (start-frame shards included) and resume bit for bit."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from support import tensors_with_graph
+from test_trainer import assert_same_run, metrics, resume, train
+
+from agents.sac_discrete import DiscreteSACPopulation
+from cloud import checkpoint as ckpt
+from config import Config
+from training import runs
+from training.frames import START_SHARD, FrameReplay
+
+pytest.importorskip("ale_py")
+
+TinyConfig = Callable[..., Config]
+
+PONG: dict[str, Any] = {
+    "env.id": "ALE/Pong-v5",
+    "env.max_episode_steps": 60,  # evaluation episodes are cut, so a generation stays short
+    "population": 2,
+    "agent.cnn_channels": [4, 8, 8],
+    "agent.cnn_features": 16,
+    "agent.hidden_sizes": [16],
+    "agent.batch_size": 8,
+    "replay.capacity": 200,  # 100 rows of 2 streams: full after generation 1 (40 + 60 rows), wraps in 2
+    "train.steps_per_generation": 40,
+    "train.updates_per_generation": 3,
+    "train.accumulation_steps": 2,
+    "train.warmup_steps": 80,
+    "evolution.elites": 1,
+    "evolution.replace_fraction": 0.5,
+    "evolution.crossover_prob": 0.5,
+    "run.replay_shard_mb": 0.5,
+}
+
+
+def test_a_pong_population_learns_from_frames_stored_once(tiny_config: TinyConfig) -> None:
+    trainer = train(tiny_config({**PONG, "train.generations": 2}))  # ALE's seeded resets reload the ROM: ~0.1 s each
+    assert isinstance(trainer.agent, DiscreteSACPopulation) and trainer.agent.encoder is not None
+    replay = trainer.replay
+    assert isinstance(replay, FrameReplay) and replay.frame_shape == (84, 84) and replay.stack == 4
+    frame = 84 * 84
+    assert replay.bytes_per_transition <= 1.2 * frame, replay.bytes_per_transition / frame
+    assert 2 * 4 * frame / replay.bytes_per_transition >= 6  # vs stacked obs and next_obs
+    assert trainer.counters.updates == 2 * 3 and len(replay) == replay.capacity
+    record = metrics(trainer.cfg)[-1]
+    assert np.isfinite(record["members"]["critic_loss"]).all()
+    assert record["replay_filled_mb"] <= 1.2 * frame * replay.capacity / 2**20 + 0.1
+    blobs = ckpt.load(trainer.storage, trainer.run_name, 1).blobs
+    assert any(name.startswith(START_SHARD) for name in blobs) and len(blobs) > 2  # rows in several shards
+    assert not tensors_with_graph()
+
+
+def test_a_stopped_and_resumed_pong_run_equals_the_uninterrupted_run(tiny_config: TinyConfig) -> None:
+    straight = train(tiny_config({**PONG, "train.generations": 2, "run.name": "straight"}))
+    stopped = tiny_config({**PONG, "train.generations": 1, "run.name": "stopped"})
+    first = train(stopped)
+    resumed = resume(stopped, extra={"train.generations": 2})  # the resumed generation wraps the ring
+    assert isinstance(resumed.replay, FrameReplay) and resumed.replay.filled_rows == resumed.replay.rows
+    assert resumed.replay.start_written == straight.replay.start_written
+    assert_same_run(straight, resumed)
+    assert not torch.equal(*(t.agent.member_tensors()["encoder.weights.0"] for t in (resumed, first)))  # it learned
+
+
+def test_a_frame_replay_too_large_for_ram_warns_when_the_trainer_builds_it(
+    tiny_config: TinyConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import training.replay
+
+    class Tiny:
+        available = 2**20
+
+    monkeypatch.setattr(training.replay.psutil, "virtual_memory", lambda: Tiny())
+    with pytest.warns(UserWarning, match=r"replay buffer needs .* lower replay.capacity"):
+        trainer = runs.start(tiny_config({**PONG, "train.generations": 1}))
+    trainer.close()
