@@ -281,6 +281,26 @@ class DreamerConfig:
 
 
 @dataclass
+class BackendConfig:
+    """Where the population's rollouts run (README "Scaling out with Ray"); how, never what: a run
+    gives the same results on either backend and may resume on the other."""
+
+    kind: str = "local"
+    """``local`` (this process) or ``ray``: the population's exploration and full evaluation on Ray
+    actors (the ``ray`` extra), the learner, replay, evolution and checkpoints in this process."""
+    address: str = ""
+    """Ray cluster to join: ``auto`` (the one ``ray start`` set up on this machine) or ``HOST:PORT``;
+    empty: start a local Ray instance with this machine's CPUs."""
+    workers: int = 0
+    """Rollout actors, each holding the environments of a fixed set of members (one CPU each);
+    0: as many as ``envs_per_worker`` implies, or one per CPU of the cluster (at most one per member)."""
+    envs_per_worker: int = 0
+    """Environments per actor (a multiple of ``env.envs_per_member``); 0: the members split evenly."""
+    start_timeout_s: float = 120.0
+    """How long a (replacement) actor may take to start before the cluster counts as gone."""
+
+
+@dataclass
 class Config:
     env: EnvConfig = field(default_factory=EnvConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
@@ -292,14 +312,15 @@ class Config:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     run: RunConfig = field(default_factory=RunConfig)
     dreamer: DreamerConfig = field(default_factory=DreamerConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        """Stable hash of what a checkpoint means: everything but the ``run`` and ``memory``
-        sections and ``train.generations``."""
-        meaning = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("run", "memory")}
+        """Stable hash of what a checkpoint means: everything but the ``run``, ``memory`` and
+        ``backend`` sections and ``train.generations``."""
+        meaning = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("run", "memory", "backend")}
         defaults = Config().to_dict()
         for key in ADDED_KEYS:  # at their defaults, keys added later leave older checkpoints' hashes alone
             section, leaf = key.split(".")
@@ -391,6 +412,7 @@ class Config:
             f"got {self.run.checkpoint_uri!r}",
         )
         _validate_dreamer(self.dreamer)
+        _validate_backend(self.backend, self.population, e.envs_per_member)
         return self
 
 
@@ -455,6 +477,31 @@ def _validate_dreamer(d: DreamerConfig) -> None:
     _check(
         d.enabled or not (d.model_rollouts or d.screen),
         "dreamer.model_rollouts and dreamer.screen need the Dreamer member: set dreamer.enabled=true",
+    )
+
+
+def _validate_backend(b: BackendConfig, population: int, envs_per_member: int) -> None:
+    _check(b.kind in ("local", "ray"), f"backend.kind must be local or ray, got {b.kind!r}")
+    address = b.address
+    _check(
+        address in ("", "auto") or bool(re.fullmatch(r"(ray://)?[^\s:/]+:\d{1,5}", address)),
+        f"backend.address must be auto or HOST:PORT (empty: start a local Ray), got {address!r}",
+    )
+    _check(b.workers >= 0, "backend.workers must be >= 0 (0: from backend.envs_per_worker or the cluster's CPUs)")
+    _check(b.envs_per_worker >= 0, "backend.envs_per_worker must be >= 0 (0: the members split evenly)")
+    _check(b.start_timeout_s > 0, "backend.start_timeout_s must be > 0")
+    _check(
+        b.envs_per_worker % envs_per_member == 0,
+        f"backend.envs_per_worker ({b.envs_per_worker}) must be a multiple of env.envs_per_member "
+        f"({envs_per_member}): an actor holds whole members",
+    )
+    _check(
+        b.workers <= population,
+        f"backend.workers ({b.workers}) is more than the population ({population}): an actor holds whole members",
+    )
+    _check(
+        not (b.workers and b.envs_per_worker),
+        "set only one of backend.workers and backend.envs_per_worker (the other follows from it)",
     )
 
 

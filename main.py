@@ -71,6 +71,18 @@ def _one_line_warning(message: Any, category: type[Warning], *_: Any, **__: Any)
     metavar="URI",
     help="Also upload checkpoints (in the background) to gs://bucket/prefix, s3://bucket/prefix or a local path.",
 )
+@click.option(
+    "--backend",
+    default=None,
+    metavar="local|ray",
+    help="Where the population's rollouts run: this process (default) or Ray actors (the ray extra).",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    metavar="auto|HOST:PORT",
+    help="With --backend ray: the cluster to join (default: start a local Ray instance).",
+)
 @click.option("--name", default=None, help="Run name (default: env, seed and time).")
 @click.option(
     "--resume",
@@ -101,6 +113,8 @@ def cli(
     device: str | None,
     run_dir: str | None,
     checkpoint_uri: str | None,
+    backend: str | None,
+    ray_address: str | None,
     name: str | None,
     resume: str | None,
     allow_change: tuple[str, ...],
@@ -133,6 +147,8 @@ def cli(
             "run.device": device,
             "run.run_dir": run_dir,
             "run.checkpoint_uri": checkpoint_uri,
+            "backend.kind": backend,
+            "backend.address": ray_address,
             "run.name": name,
         }.items()
         if value is not None

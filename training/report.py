@@ -114,6 +114,7 @@ def status_block(record: dict[str, Any]) -> str:
         _memory_line(r),
         _census_line(r),
         _checkpoint_line(r),
+        _ray_line(r),
         "  leak sentinel "
         + (
             f"WARNING: steady growth in {', '.join(r['leak_warnings'])}"
@@ -134,6 +135,17 @@ def status_block(record: dict[str, Any]) -> str:
             f"pinned host {r.get('cuda_pinned_host_mb', 0):,.0f} MB"
         )
     return "\n".join([line for line in lines if line])
+
+
+def _ray_line(r: dict[str, Any]) -> str:
+    """Ray rollout workers, the ones replaced, and the object store in use ('' on the local backend)."""
+    if "ray_workers" not in r:
+        return ""
+    return (
+        f"  ray           {r['ray_workers']:.0f} rollout workers  restarted {r['ray_workers_restarted']:.0f} "
+        f"(this generation), {r['ray_workers_restarted_total']:.0f} in all  "
+        f"object store {r['ray_object_store_mb']:,.1f} MB"
+    )
 
 
 def _dreamer_lines(r: dict[str, Any]) -> str:

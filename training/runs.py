@@ -18,6 +18,7 @@ from cloud.lease import Lease
 from cloud.storage import AlreadyExists, LocalStorage, Storage, StorageError, check_writable, open_storage
 from cloud.upload import Uploader
 from config import Config, RunConfig, UserError, build_config, changed_keys, from_dict
+from training import backends
 from training.envs import make_env
 from training.report import MetricsLog, read_records, replace_lines
 from training.trainer import Trainer
@@ -45,7 +46,8 @@ RESUME_MAY_CHANGE = (
     "agent.fast_update",
     "agent.compile",
 )
-"""Keys a resumed run may change without changing what its checkpoint means (and ``memory.*``)."""
+"""Keys a resumed run may change without changing what its checkpoint means (and ``memory.*``,
+``backend.*``: a run may resume on the other backend or another cluster)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -221,7 +223,7 @@ def _resumed_config(
     if changed:
         raise UserError(
             f"cannot resume run {name!r} with a changed config: {', '.join(changed)} (a resume may change "
-            f"{', '.join(RESUME_MAY_CHANGE)} and memory.*; allow others with --allow-change KEY)"
+            f"{', '.join(RESUME_MAY_CHANGE)}, memory.* and backend.*; allow others with --allow-change KEY)"
         )
     return cfg
 
@@ -277,7 +279,7 @@ def _read_run_file(storage: Storage, name: str) -> dict[str, Any] | None:
 
 
 def _may_change(key: str) -> bool:
-    return key in RESUME_MAY_CHANGE or key.startswith("memory.")
+    return key in RESUME_MAY_CHANGE or key.startswith(("memory.", "backend."))
 
 
 def _local_storage(run_dir: str) -> LocalStorage:
@@ -320,6 +322,8 @@ def _build(cfg: Config, name: str, local: LocalStorage, remote: Storage | None, 
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
     make_env(cfg.env).close()  # an unknown or unsupported env fails before anything is written
+    streams = cfg.population * cfg.env.envs_per_member
+    backends.check(cfg.backend, streams, cfg.env.envs_per_member)  # Ray missing, unreachable, too few CPUs
     run_path = local.root / name
     run_path.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(run_path, cfg.run.tensorboard)

@@ -80,6 +80,7 @@ SERIES: tuple[_Series, ...] = (
     _Series("grad_tensors", "count"),
     _Series("evicted_alive_mb", "MB", device="host"),
     _Series("metric_items", "count"),
+    _Series("ray_object_store_mb", "MB"),
 )
 RECORD_KEYS: tuple[str, ...] = (*(s.key for s in SERIES), "replay_filled_mb")
 """Every record key the sentinel reads (all optional; absent series are not watched)."""

@@ -19,6 +19,7 @@ from cloud.storage import Storage, StorageError
 from cloud.upload import Uploader
 from config import Config, UserError
 from training import oom
+from training.backends import make_backend
 from training.dreamer_member import DreamerMember, toggle_refused
 from training.envs import EnvPool, make_env
 from training.evolution import Evolution
@@ -138,6 +139,8 @@ class Trainer:
         self.cuda_history_pending = m.cuda_history
         if m.inject_leak:
             self.agent.leaked_losses = []
+        self.backend = make_backend(cfg, self.pool)
+        """Where the population's explore and full evaluate rollouts run (``backend.kind``)."""
 
     # ------------------------------------------------------------ the algorithm
 
@@ -203,7 +206,7 @@ class Trainer:
         self.counters.generation = generation + 1
         self.counters.elapsed_s += elapsed
         self.counters.best_fitness.append(float(fitness[elite]))
-        memory = self.measure_memory(generation, stats)
+        memory = self.measure_memory(generation, stats) | self.backend.figures()  # Ray: workers, object store
         warnings = self.sentinel.observe(generation, memory, elapsed)
         env_steps = self.counters.env_steps - done_before[0]
         updates = self.counters.updates - done_before[1]
@@ -227,9 +230,8 @@ class Trainer:
         steps = max(self.cfg.train.steps_per_generation, random_steps)
         if steps == 0:
             return
-        result = rollout(
+        result = self.backend.rollout(  # here, or on Ray actors (backend.kind)
             self.agent,
-            self.pool,
             self.replay,
             self._seeds(generation, PHASE_EXPLORE),
             explore=True,
@@ -327,19 +329,26 @@ class Trainer:
         quota = episode_quota(self.cfg.train.eval_episodes, per_member, len(members))
         streams = (np.asarray(members)[:, None] * per_member + np.arange(per_member)).ravel()
         replay = self.replay if self.cfg.train.eval_to_replay else None
-        packed = None if everyone or replay is None else PackedStreams(self.flat_replay, len(streams))
-        result = rollout(
-            self.agent if everyone else MemberSubset(self.agent, members, per_member),
-            self.pool if everyone else self.pool.subset(streams),
-            packed or replay,
-            np.tile(self._evaluation_seeds(generation), len(members)),
-            explore=False,
-            episodes_per_stream=quota,
-            step_multiple=packed.chunks if packed is not None else 1,
-            on_step=lambda _: self._safe_point(bar, "evaluate"),
-        )
-        if packed is not None:
-            packed.flush()
+        seeds = np.tile(self._evaluation_seeds(generation), len(members))
+        on_step = lambda _: self._safe_point(bar, "evaluate")  # noqa: E731
+        if everyone:  # here, or on Ray actors (backend.kind)
+            result = self.backend.rollout(
+                self.agent, replay, seeds, explore=False, episodes_per_stream=quota, on_step=on_step
+            )
+        else:  # a screened subset plays in this process, its steps packed into full replay rows
+            packed = None if replay is None else PackedStreams(self.flat_replay, len(streams))
+            result = rollout(
+                MemberSubset(self.agent, members, per_member),
+                self.pool.subset(streams),
+                packed,
+                seeds,
+                explore=False,
+                episodes_per_stream=quota,
+                step_multiple=packed.chunks if packed is not None else 1,
+                on_step=on_step,
+            )
+            if packed is not None:
+                packed.flush()
         self.counters.env_steps += result.env_steps
         return result.member_fitness(len(members), quota), result.env_steps
 
@@ -662,6 +671,7 @@ class Trainer:
         )
 
     def close(self) -> None:
+        self.backend.close()
         if self.uploader is not None:
             self.uploader.close()
         self.pool.close()

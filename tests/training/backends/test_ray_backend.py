@@ -1,0 +1,203 @@
+"""The Ray backend against a real local Ray instance (2 CPUs, started here): the same run as the
+local backend, a killed worker replaced, a stop and resume, a flat object store, bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from support import assert_members_equal
+
+from config import Config, UserError
+from training import runs
+from training.signals import StopRequested, stop_on_signals
+from training.trainer import Trainer
+
+ray = pytest.importorskip("ray")
+from training.backends.ray_backend import ClusterLost  # noqa: E402  (needs Ray)
+
+TinyConfig = Callable[..., Config]
+REPO_ROOT = Path(__file__).resolve().parents[3]
+RAY = {"backend.kind": "ray", "backend.workers": 2}
+SMALL = {"env.envs_per_member": 2, "train.generations": 2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster() -> Iterator[None]:
+    """One real local Ray instance for the module: 2 CPUs, no dashboard."""
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def train(cfg: Config, before: Callable[[Trainer], None] | None = None) -> Trainer:
+    trainer = runs.start(cfg)
+    try:
+        if before is not None:
+            before(trainer)
+        trainer.train()
+    finally:
+        trainer.close()
+    return trainer
+
+
+def records(cfg: Config) -> list[dict[str, Any]]:
+    path = Path(cfg.run.run_dir) / cfg.run.name / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def assert_same_run(a: Trainer, b: Trainer) -> None:
+    """Bit-identical members, replay rows, evolution and per-member fitness."""
+    assert_members_equal(a.agent.member_tensors(), b.agent.member_tensors())
+    for name in a.replay.data:
+        np.testing.assert_array_equal(a.replay.data[name], b.replay.data[name], err_msg=name)
+    assert a.evolution.state() == b.evolution.state()
+    assert a.counters.env_steps == b.counters.env_steps
+    assert [r["members"]["fitness"] for r in records(a.cfg)] == [r["members"]["fitness"] for r in records(b.cfg)]
+
+
+@pytest.mark.parametrize("env_id", ["Pendulum-v1", "CartPole-v1"])
+def test_ray_run_equals_the_local_run(tiny_config: TinyConfig, env_id: str) -> None:
+    """TD3 (Gaussian noise) and discrete SAC (Gumbel noise, episodes of different lengths, so
+    evaluation actors are asked for the common length): the same run, bit for bit."""
+    extra = {**SMALL, "env.id": env_id, "train.eval_episodes": 3}
+    local = train(tiny_config({**extra, "run.name": "local"}))
+    remote = train(tiny_config({**extra, **RAY, "run.name": "ray"}))
+    assert_same_run(local, remote)
+    last = records(remote.cfg)[-1]
+    assert last["ray_workers"] == 2 and last["ray_workers_restarted_total"] == 0
+
+
+def test_a_worker_killed_mid_generation_is_replaced_and_the_run_is_unchanged(tiny_config: TinyConfig) -> None:
+    local = train(tiny_config({**SMALL, "run.name": "local"}))
+
+    def kill_a_worker_after_exploring(trainer: Trainer) -> None:
+        learn = trainer.learn
+
+        def learn_then_kill(*args: Any) -> Any:  # between this generation's explore and its evaluate
+            if trainer.counters.generation == 1:
+                os.kill(trainer.backend.pids[1], signal.SIGKILL)  # type: ignore[attr-defined]
+            return learn(*args)
+
+        trainer.learn = learn_then_kill  # type: ignore[method-assign]
+
+    remote = train(tiny_config({**SMALL, **RAY, "run.name": "ray"}), kill_a_worker_after_exploring)
+    assert_same_run(local, remote)
+    assert [r["ray_workers_restarted"] for r in records(remote.cfg)] == [0, 1]
+    assert records(remote.cfg)[-1]["ray_workers_restarted_total"] == 1
+
+
+def test_a_stop_while_the_workers_play_resumes_to_the_same_run(tiny_config: TinyConfig) -> None:
+    straight = train(tiny_config({**SMALL, "train.generations": 3, "run.name": "straight"}))
+    cfg = tiny_config({**SMALL, **RAY, "train.generations": 3, "run.name": "stopped"})
+
+    def stop_during_generation_2(trainer: Trainer) -> None:
+        gather = trainer.backend._gather  # type: ignore[attr-defined]
+
+        def signal_then_gather(*args: Any) -> Any:
+            if trainer.counters.generation == 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # arrives while the actors play
+            return gather(*args)
+
+        trainer.backend._gather = signal_then_gather  # type: ignore[attr-defined]
+
+    with stop_on_signals(), pytest.raises(StopRequested, match="during generation 2"):
+        train(cfg, stop_during_generation_2)
+    resumed = runs.resume(cfg.run.run_dir, cfg.run.name, {})
+    try:
+        assert resumed.counters.generation == 1
+        resumed.train()
+    finally:
+        resumed.close()
+    assert_same_run(straight, resumed)
+
+
+def test_object_store_bytes_stay_flat_over_generations(tiny_config: TinyConfig) -> None:
+    cfg = tiny_config({**RAY, "train.generations": 5, "train.steps_per_generation": 200})
+    train(cfg)
+    used = [r["ray_object_store_mb"] for r in records(cfg)]
+    assert all(np.isfinite(used)), used
+    assert max(used) < 1.0 and used[-1] <= used[1] + 0.1, used  # nothing accumulates
+
+
+def test_a_lost_worker_without_room_for_a_replacement_stops_in_one_line(tiny_config: TinyConfig) -> None:
+    cfg = tiny_config({**SMALL, **RAY, "backend.start_timeout_s": 2.0})
+    hogs: list[Any] = []
+
+    def kill_a_worker_and_take_its_cpu(trainer: Trainer) -> None:
+        os.kill(trainer.backend.pids[0], signal.SIGKILL)  # type: ignore[attr-defined]
+        hogs.append(ray.remote(num_cpus=1)(_Hog).remote())  # starts once the dead worker's CPU is free
+        ray.get(hogs[0].ready.remote(), timeout=60)
+
+    try:
+        with pytest.raises(ClusterLost, match=r"did not start within 2s") as caught:
+            train(cfg, kill_a_worker_and_take_its_cpu)
+    finally:
+        for hog in hogs:
+            ray.kill(hog)
+    assert "\n" not in str(caught.value)
+
+
+class _Hog:
+    """An actor that only holds a CPU."""
+
+    def ready(self) -> bool:
+        return True
+
+
+def test_more_workers_than_cpus_is_refused_before_training(tiny_config: TinyConfig) -> None:
+    cfg = tiny_config({**RAY, "population": 4, "backend.workers": 3})
+    with pytest.raises(UserError, match="3 rollout workers need 3 CPUs but the Ray cluster has 2"):
+        runs.start(cfg)
+    assert not (Path(cfg.run.run_dir) / cfg.run.name / "run.json").exists()
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "main.py", "--preset", "debug", "--set", "run.progress=false", *args],
+        cwd=REPO_ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_an_unreachable_address_is_one_line(tmp_path: Path) -> None:
+    done = _cli("--run-dir", str(tmp_path), "--backend", "ray", "--ray-address", "127.0.0.1:1")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: cannot reach the Ray cluster at 127.0.0.1:1"), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.rglob("run.json"))
+
+
+def test_without_ray_installed_the_ray_backend_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "noray"
+    (blocker / "ray").mkdir(parents=True)
+    (blocker / "ray" / "__init__.py").write_text("raise ImportError('No module named ray')\n")
+    done = _cli("--run-dir", str(tmp_path / "runs"), "--backend", "ray", env={"PYTHONPATH": str(blocker)})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == 'error: backend.kind ray needs Ray: pip install -e ".[ray]"'
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("backend.kind=spark", "backend.kind must be local or ray"),
+        ("backend.address=nowhere", "backend.address must be auto or HOST:PORT"),
+        ("backend.workers=9", "backend.workers (9) is more than the population (4)"),
+    ],
+)
+def test_bad_backend_settings_are_one_line(tiny_config: TinyConfig, setting: str, message: str) -> None:
+    key, value = setting.split("=")
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        tiny_config({key: int(value) if value.isdigit() else value})

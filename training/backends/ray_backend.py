@@ -1,0 +1,321 @@
+"""Rollouts on Ray actors: the learner, replay, evolution and checkpoints stay in this process.
+
+Each actor (:class:`RolloutWorker`) holds the environments of a fixed, contiguous set of members
+and a CPU copy of those members' acting networks. Per phase the driver makes one ``ray.put`` of
+the population's acting tensors (every actor reads its members' rows of that one object), each
+actor plays its streams with :func:`training.rollout.rollout` and returns compact numpy arrays
+``(T, E_w, ...)`` per field; the driver adds them to the replay row by row in stream order,
+exactly as the local backend does. Evaluation stops when every stream completed its quota, so an
+actor whose streams finished sooner is asked once more for the common number of steps (replayed
+from the same seeds: the same steps, just more of them).
+
+A worker that dies is replaced and its share rerun from the same seeds and weights (the result is
+the one an undisturbed run gets). A replacement that cannot start within
+``backend.start_timeout_s``, or a cluster that stops answering, ends the run at this safe point in
+one line (:class:`ClusterLost`); the last generation is checkpointed and ``--resume`` continues.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+from collections.abc import Callable
+from contextlib import suppress
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
+
+from agents import PopulationAgent, make_population
+from config import BackendConfig, Config, UserError
+from training.envs import EnvPool, make_env
+from training.replay import FIELDS, Transitions
+from training.rollout import RolloutResult, TransitionSink, rollout
+from training.signals import stop_requested
+
+ACTING = ("actor.", "encoder.", "hp.")
+"""Member tensors (``PopulationAgent.member_tensors`` names) that ``act`` reads: what the actors get."""
+
+WAIT_S = 0.2
+"""How often the driver checks for a stop signal while the actors play."""
+
+
+class ClusterLost(UserError):
+    """The Ray cluster stopped answering, or a dead worker could not be replaced."""
+
+
+def connect(cfg: BackendConfig) -> dict[str, float]:
+    """Join the cluster at ``cfg.address`` (or start a local one) unless this process already has
+    Ray; returns the cluster's resources. UserError in one line when it cannot be reached."""
+    if not ray.is_initialized():
+        address = cfg.address.removeprefix("ray://")
+        if address not in ("", "auto"):
+            host, _, port = address.rpartition(":")
+            try:
+                socket.create_connection((host, int(port)), timeout=5).close()
+            except OSError as err:
+                raise UserError(f"cannot reach the Ray cluster at {cfg.address}: {err.strerror or err}") from None
+        try:
+            if cfg.address:
+                ray.init(address=cfg.address, logging_level=logging.ERROR, log_to_driver=False)
+            else:
+                ray.init(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            where = cfg.address or "a new local instance"
+            raise UserError(f"cannot connect to Ray at {where}: {_first_line(err)}") from None
+    return {k: float(v) for k, v in ray.cluster_resources().items()}
+
+
+def worker_count(cfg: BackendConfig, streams: int, envs_per_member: int, resources: dict[str, float]) -> int:
+    """How many actors the run uses (``backend.workers``, or what ``envs_per_worker`` implies, or one
+    per CPU, at most one per member); UserError when they outnumber the cluster's CPUs."""
+    cpus = resources.get("CPU", 0.0)
+    members = streams // envs_per_member
+    if cfg.envs_per_worker:
+        count = -(-streams // cfg.envs_per_worker)
+    else:
+        count = cfg.workers or max(1, min(members, int(cpus)))
+    if count > cpus:
+        raise UserError(
+            f"backend.workers: {count} rollout workers need {count} CPUs but the Ray cluster has {cpus:g}; "
+            "use fewer workers or add nodes"
+        )
+    return count
+
+
+def shares(cfg: BackendConfig, members: int, envs_per_member: int, workers: int) -> list[np.ndarray]:
+    """Each actor's members, contiguous slots in order: ``envs_per_worker`` worth each, or split evenly."""
+    if cfg.envs_per_worker:
+        size = cfg.envs_per_worker // envs_per_member
+        return [np.arange(start, min(start + size, members)) for start in range(0, members, size)]
+    return list(np.array_split(np.arange(members), workers))
+
+
+def acting_tensors(agent: PopulationAgent) -> dict[str, np.ndarray]:
+    """The population's ``(P, ...)`` tensors that acting reads, as CPU numpy arrays."""
+    return {
+        name: tensor.detach().cpu().numpy()
+        for name, tensor in agent.member_tensors().items()
+        if name.startswith(ACTING)
+    }
+
+
+class Recorder:
+    """A :class:`training.rollout.TransitionSink` that keeps the steps for sending back."""
+
+    def __init__(self) -> None:
+        self.steps: list[Transitions] = []
+
+    def add(self, step: Transitions) -> None:
+        self.steps.append(step)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every field stacked over steps: ``(T, E_w, ...)``."""
+        return {name: np.stack([getattr(s, name) for s in self.steps]) for name in FIELDS}
+
+
+class RolloutWorker:
+    """One Ray actor: the environments of ``members`` (their ``envs_per_member`` streams each) and
+    a CPU population of ``len(members)`` whose acting tensors are set from the driver's per phase."""
+
+    def __init__(self, cfg: Config, members: list[int]) -> None:
+        torch.set_num_threads(1)
+        self.members = np.asarray(members)
+        self.pool = EnvPool(lambda: make_env(cfg.env), len(members) * cfg.env.envs_per_member)
+        obs_shape = getattr(self.pool, "obs_shape", self.pool.obs_dim)
+        agent_cfg = dataclasses.replace(cfg.agent, compile="none")
+        cpu = torch.device("cpu")
+        self.agent = make_population(len(members), obs_shape, self.pool.act_dim, agent_cfg, cpu, self.pool.action_kind)
+        self.tensors = self.agent.member_tensors()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def play(
+        self,
+        weights: dict[str, np.ndarray],
+        seeds: np.ndarray,
+        explore: bool,
+        steps: int,
+        quota: np.ndarray | int,
+        random_steps: int,
+        min_steps: int,
+    ) -> dict[str, Any]:
+        """``rollout`` of this actor's streams with its members' rows of ``weights``: returns
+        ``steps`` (T), ``returns`` (per stream) and every field ``(T, E_w, ...)``."""
+        with torch.no_grad():
+            for name, array in weights.items():
+                self.tensors[name].copy_(torch.as_tensor(array[self.members]))
+        recorder = Recorder()
+        result = rollout(
+            self.agent,
+            self.pool,
+            recorder,
+            seeds,
+            explore=explore,
+            steps=steps,
+            episodes_per_stream=quota,
+            random_steps=random_steps,
+            min_steps=min_steps,
+        )
+        return {"steps": len(recorder.steps), "returns": result.episode_returns, **recorder.arrays()}
+
+
+class RayBackend:
+    """The population's rollouts on ``backend.workers`` Ray actors (see the module docstring)."""
+
+    def __init__(self, cfg: Config, pool: EnvPool) -> None:
+        self.cfg = cfg
+        b, per_member = cfg.backend, cfg.env.envs_per_member
+        count = worker_count(b, len(pool), per_member, connect(b))
+        self.shares = shares(b, cfg.population, per_member, count)
+        self.streams = [(m[:, None] * per_member + np.arange(per_member)).ravel() for m in self.shares]
+        self.remote: Any = ray.remote(num_cpus=1)(RolloutWorker)
+        self.workers: list[Any] = [None] * len(self.shares)
+        self.pids: list[int] = [0] * len(self.shares)
+        self.restarted = 0
+        """Workers replaced since this process started."""
+        self.restarted_reported = 0
+        try:
+            for i in range(len(self.shares)):
+                self._start(i)
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------ the backend interface
+
+    def rollout(
+        self,
+        agent: PopulationAgent,
+        replay: TransitionSink | None,
+        seeds: np.ndarray,
+        *,
+        explore: bool,
+        steps: int = 0,
+        episodes_per_stream: int | np.ndarray = 0,
+        random_steps: int = 0,
+        on_step: Callable[[int], None] | None = None,
+    ) -> RolloutResult:
+        """``training.rollout.rollout`` of the whole population, played by the actors."""
+        quota = np.broadcast_to(np.asarray(episodes_per_stream), (len(seeds),))
+        try:
+            weights: Any = ray.put(acting_tensors(agent))  # one object per phase, read by every actor
+
+            def call(i: int, min_steps: int = 0) -> Any:
+                part = self.streams[i]
+                quota_i = quota[part] if steps == 0 else 0
+                args = (seeds[part], explore, steps, quota_i, random_steps, min_steps)
+                return self.workers[i].play.remote(weights, *args)
+
+            def call_to_total(i: int) -> Any:  # an evaluation's common length, from the same seeds
+                return call(i, total)
+
+            parts = self._gather({i: call for i in range(len(self.workers))}, on_step)
+            total = max(p["steps"] for p in parts.values())
+            parts |= self._gather({i: call_to_total for i, p in parts.items() if p["steps"] < total}, on_step)
+        except (RayError, ConnectionError) as err:
+            raise ClusterLost(f"the Ray cluster stopped answering ({type(err).__name__}: {_first_line(err)})") from None
+        finally:
+            weights = None  # the phase's object is freed as soon as the actors are done with it
+        result = _merge([parts[i] for i in range(len(self.workers))], replay)
+        del parts
+        if on_step is not None:
+            for _ in range(result.env_steps // len(seeds)):
+                on_step(len(seeds))
+        return result
+
+    def figures(self) -> dict[str, float]:
+        """Workers, restarts (this generation and since start) and the object store's bytes in use."""
+        fresh, self.restarted_reported = self.restarted - self.restarted_reported, self.restarted
+        return {
+            "ray_workers": float(len(self.workers)),
+            "ray_workers_restarted": float(fresh),
+            "ray_workers_restarted_total": float(self.restarted),
+            "ray_object_store_mb": object_store_bytes() / 2**20,
+        }
+
+    def close(self) -> None:
+        for worker in self.workers:
+            if worker is not None:
+                with suppress(RayError, ValueError):  # best effort: it may be gone already
+                    ray.kill(worker)
+        self.workers = [None] * len(self.shares)
+
+    # ------------------------------------------------------------ workers
+
+    def _start(self, i: int) -> None:
+        """Start actor ``i`` and wait until it answers (ClusterLost after ``start_timeout_s``)."""
+        worker: Any = self.remote.remote(self.cfg, self.shares[i].tolist())
+        try:
+            self.pids[i] = ray.get(worker.pid.remote(), timeout=self.cfg.backend.start_timeout_s)
+        except GetTimeoutError:
+            with suppress(RayError, ValueError):  # best effort: it may be gone already
+                ray.kill(worker)
+            raise ClusterLost(
+                f"rollout worker {i} did not start within {self.cfg.backend.start_timeout_s:g}s "
+                "(backend.start_timeout_s): the Ray cluster has no free CPU for it"
+            ) from None
+        self.workers[i] = worker
+
+    def _replace(self, i: int) -> None:
+        with suppress(RayError, ValueError):  # best effort: it may be gone already
+            ray.kill(self.workers[i])
+        self.workers[i] = None
+        self._start(i)
+        self.restarted += 1
+
+    def _gather(self, calls: dict[int, Callable[[int], Any]], on_step: Callable[[int], None] | None) -> dict[int, Any]:
+        """Run ``calls[i](i)`` on actor ``i`` for each ``i``; a dead actor is replaced and its call
+        made again (at most twice per actor). While waiting, a stop signal is honoured."""
+        pending = {calls[i](i): i for i in calls}
+        tries = dict.fromkeys(calls, 0)
+        out: dict[int, Any] = {}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_S)
+            if not ready:
+                if on_step is not None and stop_requested() is not None:
+                    on_step(0)  # raises StopRequested at this safe point
+                continue
+            i = pending.pop(ready[0])
+            try:
+                out[i] = ray.get(ready[0])
+            except RayActorError as err:
+                tries[i] += 1
+                if tries[i] > 2:
+                    raise ClusterLost(f"rollout worker {i} died three times in a row ({_first_line(err)})") from None
+                self._replace(i)
+                pending[calls[i](i)] = i
+        return out
+
+
+def _merge(parts: list[dict[str, Any]], replay: TransitionSink | None) -> RolloutResult:
+    """The actors' parts (in stream order, equally long) as one rollout's result; their steps go to
+    ``replay`` row by row, every stream of a row together."""
+    steps = parts[0]["steps"]
+    arrays = {name: np.concatenate([p[name] for p in parts], axis=1) for name in FIELDS}
+    if replay is not None:
+        for t in range(steps):
+            replay.add(Transitions(**{name: arrays[name][t] for name in FIELDS}))
+    returns = [r for p in parts for r in p["returns"]]
+    return RolloutResult(env_steps=steps * len(returns), episode_returns=returns)
+
+
+def object_store_bytes() -> float:
+    """Bytes in use in the cluster's object stores (Ray's own memory report; NaN if unavailable)."""
+    try:
+        from ray._private import internal_api
+
+        state = internal_api.get_state_from_address(ray.get_runtime_context().gcs_address)
+        return float(internal_api.get_memory_info_reply(state).store_stats.object_store_bytes_used)
+    except Exception:  # a private API: its absence must not stop a run
+        return float("nan")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
