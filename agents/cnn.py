@@ -89,7 +89,7 @@ class BatchedCNN(nn.Module):
     def _grouped(self, frames: Tensor) -> Tensor:
         """The convolutions as grouped ones over ``(B, P * C, H, W)``; returns ``(P, B, flat)``."""
         members, batch = frames.shape[:2]
-        x = frames.transpose(0, 1).reshape(batch, -1, *frames.shape[3:]).float().div_(255.0)
+        x = frames.transpose(0, 1).reshape(batch, -1, *frames.shape[3:]).float().div(255.0)
         for weight, bias, stride in zip(self.weights, self.biases, STRIDES, strict=True):
             x = F.conv2d(x, weight.flatten(0, 1), bias.flatten(), stride, groups=members).relu_()
         return x.reshape(batch, members, -1).transpose(0, 1)  # each member flattened as nn.Flatten does
@@ -98,7 +98,7 @@ class BatchedCNN(nn.Module):
         """One member at a time; returns ``(P, B, flat)``."""
         out = []
         for p in range(frames.shape[0]):
-            x = frames[p].float().div_(255.0)
+            x = frames[p].float().div(255.0)
             for weight, bias, stride in zip(self.weights, self.biases, STRIDES, strict=True):
                 x = F.conv2d(x, weight[p], bias[p], stride).relu_()
             out.append(x.flatten(1))

@@ -17,6 +17,8 @@ from cloud import checkpoint as ckpt
 from config import Config
 from training import runs
 from training.frames import START_SHARD, FrameReplay
+from training.tools import evaluate as ev
+from training.tools.loading import choose_member, open_generation, storages
 
 pytest.importorskip("ale_py")
 
@@ -57,6 +59,9 @@ def test_a_pong_population_learns_from_frames_stored_once(tiny_config: TinyConfi
     blobs = ckpt.load(trainer.storage, trainer.run_name, 1).blobs
     assert any(name.startswith(START_SHARD) for name in blobs) and len(blobs) > 2  # rows in several shards
     assert not tensors_with_graph()
+    gen = open_generation(storages(trainer.cfg.run.run_dir), trainer.run_name, 1)  # `main.py evaluate`'s path
+    seeds = [int(s) for s in trainer._evaluation_seeds(1)]
+    assert float(np.mean(ev.evaluate(gen, choose_member(gen, "elite"), seeds).returns)) == record["fitness_best"]
 
 
 def test_a_stopped_and_resumed_pong_run_equals_the_uninterrupted_run(tiny_config: TinyConfig) -> None:

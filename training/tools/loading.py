@@ -199,7 +199,7 @@ def population_agent(gen: Generation, pool: EnvPool) -> PopulationAgent:
     extra = {} if kind == "box" else {"action_kind": kind}
     cfg = gen.cfg
     with torch.random.fork_rng(devices=[]):  # initial weights are overwritten: leave the caller's generator alone
-        agent = make_population(cfg.population, pool.obs_dim, pool.act_dim, cfg.agent, torch.device("cpu"), **extra)
+        agent = make_population(cfg.population, pool.obs_shape, pool.act_dim, cfg.agent, torch.device("cpu"), **extra)
     tensors = {n[len("agent.") :]: t for n, t in gen.checkpoint.tensors.items() if n.startswith("agent.")}
     try:
         agent.load_member_tensors(tensors)
