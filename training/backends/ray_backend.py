@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
@@ -146,7 +147,8 @@ class RolloutWorker:
         min_steps: int,
     ) -> dict[str, Any]:
         """``rollout`` of this actor's streams with its members' rows of ``weights``: returns
-        ``steps`` (T), ``returns`` (per stream) and every field ``(T, E_w, ...)``."""
+        ``steps`` (T), ``returns`` (per stream), ``play_s`` (its time here) and every field ``(T, E_w, ...)``."""
+        started = time.perf_counter()
         with torch.no_grad():
             for name, array in weights.items():
                 self.tensors[name].copy_(torch.as_tensor(array[self.members]))
@@ -162,7 +164,9 @@ class RolloutWorker:
             random_steps=random_steps,
             min_steps=min_steps,
         )
-        return {"steps": len(recorder.steps), "returns": result.episode_returns, **recorder.arrays()}
+        arrays = recorder.arrays()
+        played = time.perf_counter() - started
+        return {"steps": len(recorder.steps), "returns": result.episode_returns, "play_s": played, **arrays}
 
 
 class RayBackend:
@@ -180,6 +184,8 @@ class RayBackend:
         self.restarted = 0
         """Workers replaced since this process started."""
         self.restarted_reported = 0
+        self.last_play_s = 0.0
+        """The latest rollout's longest time inside one actor (its wall time less this is Ray's overhead)."""
         try:
             for i in range(len(self.shares)):
                 self._start(i)
@@ -222,6 +228,7 @@ class RayBackend:
             raise ClusterLost(f"the Ray cluster stopped answering ({type(err).__name__}: {_first_line(err)})") from None
         finally:
             weights = None  # the phase's object is freed as soon as the actors are done with it
+        self.last_play_s = max(p["play_s"] for p in parts.values())
         result = _merge([parts[i] for i in range(len(self.workers))], replay)
         del parts
         if on_step is not None:
