@@ -5,11 +5,13 @@ linear layer's ``(P, in, out)``), so evolution and checkpoints treat the encoder
 member tensor. Frames arrive as uint8 and become floats in ``[0, 1]`` here, on the parameters' device.
 
 Two ways to run the ``P`` encoders compute the same function on the same parameters (a test checks
-they agree): one grouped convolution per layer (``groups=P``, the members' channels side by side:
-one kernel per layer whatever ``P``, the choice on CUDA) and a loop over members (one ordinary
-convolution per member and layer: on CPU ``benchmarks/pixels.py`` measured it 0.78x the grouped
-time, and ``torch.func.vmap`` 1.17x, at P=8, batch 32, one thread; vmap lowers to the same grouped
-convolution plus its own overhead, so it is never the better choice).
+they agree): one grouped convolution per layer (``groups=P``, the members' channels side by side: one
+kernel per layer whatever ``P``; the default everywhere) and a loop over members (one ordinary
+convolution per member and layer). ``benchmarks/pixels.py`` on a busy 2-core CPU at P=16, batch 32:
+the loop 0.83x the grouped time on one thread but 5.4x on two (its many small ops stall on a
+descheduled thread), ``torch.func.vmap`` 1.27x and 1.09x (it lowers to the same grouped convolution
+plus its own overhead, so it is never the better choice). One mode for acting and learning on every
+device also keeps a member's actions the same whichever process and thread count computes them.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ class BatchedCNN(nn.Module):
     """``P`` encoders ``(P, B, C, H, W)`` uint8 -> ``(P, B, features)`` float32: three convolutions
     (``channels`` wide, kernels 8/4/3, strides 4/2/1) and a linear layer, ReLU after each.
 
-    ``grouped`` None picks the grouped convolution on CUDA and the per-member loop elsewhere.
+    ``grouped`` False runs the per-member loop instead of the grouped convolution (the benchmark's
+    and the tests' reference).
     ``amp`` runs the forward under bf16 autocast (CUDA only); the features come back float32.
     """
 
@@ -49,7 +52,7 @@ class BatchedCNN(nn.Module):
         frame_shape: Sequence[int],
         channels: Sequence[int] = (32, 64, 64),
         features: int = 512,
-        grouped: bool | None = None,
+        grouped: bool = True,
         amp: bool = False,
     ) -> None:
         super().__init__()
@@ -81,8 +84,7 @@ class BatchedCNN(nn.Module):
     def forward(self, frames: Tensor) -> Tensor:
         """``frames (P, B, C, H, W)`` uint8 (or float in [0, 255]) -> features ``(P, B, features)`` float32."""
         with torch.autocast(frames.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            grouped = frames.device.type == "cuda" if self.grouped is None else self.grouped
-            x = self._grouped(frames) if grouped else self._looped(frames)
+            x = self._grouped(frames) if self.grouped else self._looped(frames)
             out = self.linear(x).relu_()
         return out.float()
 

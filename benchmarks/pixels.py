@@ -14,20 +14,36 @@ It first checks that the three give the same features and gradients (they are th
 then prints the median time per forward+backward (the variants take turns, so a busy machine slows
 them alike) and each one's ratio to ``grouped``.
 
+With ``--update`` it times what a run pays instead: one optimizer step of the discrete SAC population
+with CNN members (``agents.sac_discrete``, K micro-batches of B stacks per member: the encoder's
+forward and backward through the critic loss, the target encoder and the actor on detached features),
+in the same run as two baselines: the same heads on flat observations as wide as the features (what
+the CNN adds) and P single-member CNN populations stepped one after the other (what batching saves);
+with the encoder grouped and looped.
+
     python benchmarks/pixels.py                          # P=16, B=32, cpu
     python benchmarks/pixels.py --device cuda --reps 20
+    python benchmarks/pixels.py --update --members 4     # cost per optimizer step
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agents import Batch, PopulationAgent, make_population  # noqa: E402
+from agents.sac_discrete import DiscreteSACPopulation  # noqa: E402
+from config import AgentConfig  # noqa: E402
 
 CHANNELS, SIZE, FEATURES = 4, 84, 512
 FLAT = 64 * 7 * 7
@@ -136,6 +152,81 @@ def first_layer_grad(name: str, parameters: list[torch.Tensor], members: int) ->
     return torch.cat(grads).reshape(members, 32, CHANNELS, 8, 8)  # type: ignore[arg-type]
 
 
+def pixel_batches(members: int, batch: int, k: int, actions: int, device: torch.device) -> list[Batch]:
+    """``k`` random micro-batches of frame stacks ``(P, B, 4, 84, 84)`` uint8 and one-hot actions."""
+    out = []
+    for _ in range(k):
+        frames = torch.randint(0, 256, (2, members, batch, CHANNELS, SIZE, SIZE), dtype=torch.uint8, device=device)
+        action = nn.functional.one_hot(torch.randint(actions, (members, batch), device=device), actions).float()
+        reward, done = torch.randn(members, batch, device=device), torch.zeros(members, batch, device=device)
+        out.append(Batch(frames[0], action, reward, frames[1], done))
+    return out
+
+
+def time_updates(steps: dict[str, Callable[[], object]], reps: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each step, the steps taking turns (after one warm-up each)."""
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for step_fn in steps.values():
+        step_fn()
+    for _ in range(reps):
+        for name, step_fn in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            step_fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            samples[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def update_costs(args: argparse.Namespace, device: torch.device) -> None:
+    """Cost of one optimizer step of the CNN population against its two baselines (see the module doc)."""
+    p, b, k, n = args.members, args.batch, args.accumulation, 6
+    cfg = AgentConfig(hidden_sizes=[256], batch_size=b)
+    batches = pixel_batches(p, b, k, n, device)
+    flat = [  # the same actions and rewards, observations as wide as the features
+        Batch(
+            torch.randn(p, b, FEATURES, device=device),
+            x.action,
+            x.reward,
+            torch.randn(p, b, FEATURES, device=device),
+            x.terminated,
+        )
+        for x in batches
+    ]
+    grouped = make_population(p, (CHANNELS, SIZE, SIZE), n, cfg, device, "discrete")
+    looped = make_population(p, (CHANNELS, SIZE, SIZE), n, cfg, device, "discrete")
+    assert isinstance(grouped, DiscreteSACPopulation) and isinstance(looped, DiscreteSACPopulation)
+    assert grouped.encoder is not None and looped.encoder is not None
+    grouped.encoder.grouped = grouped.encoder_target.grouped = True  # type: ignore[union-attr]
+    looped.encoder.grouped = looped.encoder_target.grouped = False  # type: ignore[union-attr]
+    heads = make_population(p, FEATURES, n, cfg, device, "discrete")
+    singles: list[PopulationAgent] = [
+        make_population(1, (CHANNELS, SIZE, SIZE), n, cfg, device, "discrete") for _ in range(p)
+    ]
+    one = [[Batch(*(t[i : i + 1] for t in x)) for x in batches] for i in range(p)]
+    steps: dict[str, Callable[[], object]] = {
+        "grouped": lambda: grouped.update(batches),
+        "looped": lambda: looped.update(batches),
+        "heads only": lambda: heads.update(flat),
+        "P agents": lambda: [agent.update(one[i]) for i, agent in enumerate(singles)],
+    }
+    times = time_updates(steps, args.reps, device)
+    print(
+        f"discrete SAC optimizer step, P={p} CNN members (NatureCNN 32/64/64, 512 features, head 256), K={k} x B={b} "
+        f"stacks (4, 84, 84) uint8, {device}, {torch.get_num_threads()} thread(s), median of {args.reps}"
+    )
+    base = times["grouped"]
+    for name, seconds in times.items():
+        ratio, per_member = seconds / base, seconds / p * 1000
+        print(f"  {name:>10}  {seconds * 1000:9.1f} ms   {ratio:5.2f}x grouped   {per_member:8.1f} ms per member")
+    print(
+        f"  the CNN population's step (grouped, the default) is {base / times['heads only']:.0f}x the heads' alone; "
+        f"P separate agents take {times['P agents'] / base:.2f}x its time"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--members", type=int, default=16)
@@ -143,10 +234,15 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--update", action="store_true", help="time optimizer steps of the CNN population")
+    parser.add_argument("--accumulation", type=int, default=1, help="--update: micro-batches per step (K)")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.update:
+        update_costs(args, device)
+        return
     grouped = GroupedNatureCNN(args.members).to(device)
     frames = torch.randint(0, 256, (args.members, args.batch, CHANNELS, SIZE, SIZE), dtype=torch.uint8, device=device)
     runs = variants(grouped, device)
