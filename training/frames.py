@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from config import UserError
 from training.replay import FIELDS, ReplayBuffer, Transitions, _warn_if_too_large
 
 ROW_FIELDS = ("frame", "action", "reward", "terminated", "truncated", "is_first", "age", "start")
@@ -45,6 +46,11 @@ ROW_FIELDS = ("frame", "action", "reward", "terminated", "truncated", "is_first"
 START_SHARD = "replay/starts/"
 MAX_REDRAWS = 64
 """Rounds of redrawing rows that cannot be sampled before the valid rows are listed explicitly."""
+
+
+class NotFrameStacks(UserError, ValueError):
+    """An env's ``(stack, H, W)`` observations are not frame stacks (``next_obs`` is not ``obs``
+    shifted by one frame): a one-line error for the user, a ValueError for callers."""
 
 
 class FrameReplay:
@@ -130,9 +136,9 @@ class FrameReplay:
         obs, next_obs = self._checked(step.obs, "obs"), self._checked(step.next_obs, "next_obs")
         shifted = (next_obs[:, :-1] == obs[:, 1:]).reshape(self.streams, -1).all(axis=1)
         if not shifted.all():
-            raise ValueError(
+            raise NotFrameStacks(
                 f"stream {int(np.flatnonzero(~shifted)[0])}: next_obs is not obs shifted by one frame "
-                "(the frame replay needs FrameStackObservation's stacks)"
+                "(image observations must be FrameStackObservation's stacks (stack, H, W) uint8)"
             )
         row, prev = self.cursor, (self.cursor - 1) % self.rows
         follows = self._follows(obs, np.asarray(step.is_first, np.bool_))

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from agents import Batch, PopulationAgent, make_population
+from agents.cnn import conv_output_size
 from cloud import checkpoint as ckpt
 from cloud.storage import Storage, StorageError
 from cloud.upload import Uploader
@@ -45,6 +46,11 @@ def _check_pixels(cfg: Config, pool: EnvPool, device: torch.device) -> None:
     """One-line refusals of what image observations do not support yet, and of ``agent.amp`` where
     it would do nothing (it autocasts the CNN encoders on CUDA)."""
     pixels = len(pool.obs_shape) > 1
+    if pixels and min(conv_output_size(side) for side in pool.obs_shape[1:]) < 1:
+        raise UserError(
+            f"frames of {'x'.join(map(str, pool.obs_shape[1:]))} are too small for the CNN members "
+            "(NatureCNN's kernels 8/4/3, strides 4/2/1 need at least 36x36)"
+        )
     if pixels and cfg.dreamer.enabled:
         raise UserError(
             f"dreamer.enabled with image observations {pool.obs_shape} is not yet supported "

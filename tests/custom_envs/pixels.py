@@ -48,3 +48,30 @@ def stacked(max_length: int = 6, stack: int = 4, limit: int = 0) -> gym.Env:
     ``TimeLimit`` outside: observations ``(stack, 8, 8)`` uint8."""
     env: gym.Env = FrameStackObservation(CountingFramesEnv(max_length), stack)
     return TimeLimit(env, max_episode_steps=limit) if limit else env
+
+
+class UnstackedFramesEnv(gym.Env):
+    """``(3, 40, 40)`` uint8 noise that is no frame stack (each observation is new in every channel),
+    e.g. channels-first RGB: the trainer must refuse it in one line."""
+
+    def __init__(self) -> None:
+        self.observation_space = spaces.Box(0, 255, shape=(3, 40, 40), dtype=np.uint8)
+        self.action_space = spaces.Discrete(2)
+
+    def _frame(self) -> np.ndarray:
+        return self.np_random.integers(0, 256, size=(3, 40, 40), dtype=np.uint8)
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        return self._frame(), {}
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
+        return self._frame(), 0.0, False, False, {}
+
+
+class SmallStacksEnv(gym.Wrapper):
+    """:func:`stacked` as a class for a ``module:ClassName`` env id: ``(4, 8, 8)`` frame stacks, too
+    small for the CNN members."""
+
+    def __init__(self) -> None:
+        super().__init__(stacked())

@@ -14,7 +14,7 @@ from test_trainer import assert_same_run, metrics, resume, train
 
 from agents.sac_discrete import DiscreteSACPopulation
 from cloud import checkpoint as ckpt
-from config import Config
+from config import Config, UserError
 from training import runs
 from training.frames import START_SHARD, FrameReplay
 from training.tools import evaluate as ev
@@ -24,13 +24,12 @@ pytest.importorskip("ale_py")
 
 TinyConfig = Callable[..., Config]
 
+TINY_CNN = {"agent.cnn_channels": [4, 8, 8], "agent.cnn_features": 16, "agent.hidden_sizes": [16]}
 PONG: dict[str, Any] = {
     "env.id": "ALE/Pong-v5",
     "env.max_episode_steps": 60,  # evaluation episodes are cut, so a generation stays short
     "population": 2,
-    "agent.cnn_channels": [4, 8, 8],
-    "agent.cnn_features": 16,
-    "agent.hidden_sizes": [16],
+    **TINY_CNN,
     "agent.batch_size": 8,
     "replay.capacity": 200,  # 100 rows of 2 streams: full after generation 1 (40 + 60 rows), wraps in 2
     "train.steps_per_generation": 40,
@@ -87,3 +86,18 @@ def test_a_frame_replay_too_large_for_ram_warns_when_the_trainer_builds_it(
     with pytest.warns(UserWarning, match=r"replay buffer needs .* lower replay.capacity"):
         trainer = runs.start(tiny_config({**PONG, "train.generations": 1}))
     trainer.close()
+
+
+def test_frame_stacks_the_members_cannot_take_are_refused_in_one_line(
+    tiny_config: TinyConfig, custom_envs: str
+) -> None:
+    with pytest.raises(UserError, match=r"frames of 8x8 are too small for the CNN members") as refused:
+        runs.start(tiny_config({"env.id": "custom_envs.pixels:SmallStacksEnv", "run.name": "small"}))
+    assert "\n" not in str(refused.value)
+    cfg = tiny_config({"env.id": "custom_envs.pixels:UnstackedFramesEnv", "run.name": "unstacked", **TINY_CNN})
+    trainer = runs.start(cfg)  # (3, 40, 40) uint8 passes the space check, but is no frame stack
+    try:
+        with pytest.raises(UserError, match=r"next_obs is not obs shifted by one frame \(image observations must"):
+            trainer.train()
+    finally:
+        trainer.close()
