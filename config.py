@@ -250,6 +250,11 @@ class DreamerConfig:
     """Each KL term below this many nats gives no gradient."""
     unimix: float = 0.01
     """Uniform mix of the categorical latents' probabilities."""
+    cnn_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    """Channels of the world model's three image convolutions (NatureCNN's 32/64/64), for stacked
+    frame observations; the decoder mirrors them."""
+    cnn_features: int = 512
+    """Embedding width of the world model's image encoder (NatureCNN's 512)."""
     imagine_after: int = 100
     """World-model updates before its imagination is used for the population (model rollouts and
     screening): rollouts of an untrained model would teach the members noise."""
@@ -428,6 +433,8 @@ ADDED_KEYS = (
     "agent.cnn_channels",
     "agent.cnn_features",
     "agent.amp",
+    "dreamer.cnn_channels",
+    "dreamer.cnn_features",
 )
 """Keys added after checkpoints were first written (with discrete actions and CNN members): :meth:`Config.hash`
 leaves them out while they hold their defaults, so those checkpoints still resume."""
@@ -472,6 +479,11 @@ def _validate_dreamer(d: DreamerConfig) -> None:
     for name in ("gamma", "lam", "return_norm_rate", "slow_critic_rate"):
         _check(0 < getattr(d, name) <= 1, f"dreamer.{name} must be in (0, 1]")
     _check(0 <= d.unimix < 1, "dreamer.unimix must be in [0, 1)")
+    _check(
+        len(d.cnn_channels) == 3 and min(d.cnn_channels) >= 1,
+        "dreamer.cnn_channels must be three positive widths (one per convolution)",
+    )
+    _check(d.cnn_features >= 1, "dreamer.cnn_features must be >= 1")
     _check(0 <= d.model_fraction <= 1, "dreamer.model_fraction must be in [0, 1]")
     _check(0 < d.screen_fraction <= 1, "dreamer.screen_fraction must be in (0, 1]")
     _check(

@@ -1,9 +1,9 @@
 """Encoders, decoders, heads and actors, each chosen by a factory from the space it serves.
 
-``make_encoder(obs_shape)`` / ``make_decoder(obs_shape)`` pick the network for an observation shape
-(a flat vector today; an image encoder/decoder pair registers in ``ENCODERS``/``DECODERS`` under
-its own rule later, with the same ``(..., *obs_shape) -> (..., embed)`` and
-``(..., feat) -> (..., *obs_shape)`` contracts). ``make_actor(action)`` picks the policy head for
+``make_encoder(obs_shape)`` / ``make_decoder(obs_shape)`` pick the network for an observation shape:
+an MLP pair for flat vectors, a CNN pair for stacked frames ``(C, H, W)`` (pixel values 0..255),
+with the same ``(..., *obs_shape) -> (..., embed)`` and ``(..., feat) -> (..., *obs_shape)``
+contracts. ``make_actor(action)`` picks the policy head for
 an action space (bounded Gaussian for ``Box`` in ``[-1, 1]``, categorical over one-hot actions for
 ``Discrete``; both with the same ``sample``/``mode``/``log_prob_entropy``).
 """
@@ -67,18 +67,107 @@ class VectorDecoder(nn.Module):
         return symexp(pred)
 
 
-def make_encoder(obs_shape: tuple[int, ...], units: int, layers: int) -> VectorEncoder:
-    """The encoder for ``obs_shape``: an MLP for flat vectors (an image CNN is added here later)."""
+class ImageEncoder(nn.Module):
+    """Frames ``(..., C, H, W)`` of pixel values 0..255 (any dtype) -> embedding ``(..., features)``.
+
+    NatureCNN's shape (Mnih et al. 2015): three convolutions of ``widths`` channels (8x8 stride 4,
+    4x4 stride 2, 3x3 stride 1), then a linear layer; SiLU after each. Pixels enter as
+    ``x / 255 - 0.5``. ``widths`` (32, 64, 64) and ``features`` 512 are NatureCNN's."""
+
+    def __init__(self, obs_shape: tuple[int, ...], widths: list[int], features: int) -> None:
+        super().__init__()
+        channels, height, width = obs_shape
+        self.obs_shape, self.out_dim = tuple(obs_shape), features
+        layers: list[nn.Module] = []
+        for c_in, c_out, k, s in _conv_plan(channels, widths):
+            layers += [nn.Conv2d(c_in, c_out, k, s), nn.SiLU()]
+        self.convs = nn.Sequential(*layers)
+        self.grid = _conv_grid(height, width)[-1]
+        self.linear = nn.Sequential(nn.Linear(widths[-1] * self.grid[0] * self.grid[1], features), nn.SiLU())
+
+    def forward(self, obs: Tensor) -> Tensor:
+        lead = obs.shape[: -len(self.obs_shape)]
+        x = obs.reshape(-1, *self.obs_shape).float() / 255.0 - 0.5
+        return self.linear(self.convs(x).flatten(1)).reshape(*lead, self.out_dim)
+
+
+class ImageDecoder(nn.Module):
+    """Features ``(..., feat)`` -> frames ``(..., C, H, W)`` in the encoder's ``x / 255 - 0.5`` space:
+    a linear layer to the encoder's last grid, then the encoder's convolutions transposed (output
+    padding so any frame size the encoder takes comes back exactly). Loss: squared error summed over
+    pixels (DreamerV3's image loss)."""
+
+    def __init__(self, obs_shape: tuple[int, ...], feat: int, widths: list[int]) -> None:
+        super().__init__()
+        channels, height, width = obs_shape
+        self.obs_shape = tuple(obs_shape)
+        grids = _conv_grid(height, width)
+        self.grid, self.depth = grids[-1], widths[-1]
+        self.linear = nn.Sequential(nn.Linear(feat, self.depth * self.grid[0] * self.grid[1]), nn.SiLU())
+        layers: list[nn.Module] = []
+        plan = _conv_plan(channels, widths)
+        for i in reversed(range(len(plan))):
+            c_in, c_out, k, s = plan[i]
+            (h_in, w_in), (h_out, w_out) = grids[i + 1], grids[i]
+            pad = (h_out - ((h_in - 1) * s + k), w_out - ((w_in - 1) * s + k))
+            layers.append(nn.ConvTranspose2d(c_out, c_in, k, s, output_padding=pad))
+            if i > 0:
+                layers.append(nn.SiLU())
+        self.deconvs = nn.Sequential(*layers)
+
+    def forward(self, feat: Tensor) -> Tensor:
+        lead = feat.shape[:-1]
+        x = self.linear(feat.reshape(-1, feat.shape[-1])).view(-1, self.depth, *self.grid)
+        return self.deconvs(x).reshape(*lead, *self.obs_shape)
+
+    def loss(self, pred: Tensor, obs: Tensor) -> Tensor:
+        """``(...)``: squared error against ``obs (..., C, H, W)`` (0..255), summed over pixels."""
+        target = obs.float() / 255.0 - 0.5
+        return (pred - target).pow(2).flatten(-len(self.obs_shape)).sum(-1)
+
+    def observation(self, pred: Tensor) -> Tensor:
+        """Decoded frames ``(..., C, H, W)`` as float pixel values in ``[0, 255]``."""
+        return ((pred + 0.5) * 255.0).clamp(0.0, 255.0)
+
+
+def _conv_plan(channels: int, widths: list[int]) -> list[tuple[int, int, int, int]]:
+    """NatureCNN's convolutions as ``(in channels, out channels, kernel, stride)``."""
+    c1, c2, c3 = widths
+    return [(channels, c1, 8, 4), (c1, c2, 4, 2), (c2, c3, 3, 1)]
+
+
+def _conv_grid(height: int, width: int) -> list[tuple[int, int]]:
+    """Spatial sizes before and after each of :func:`_conv_plan`'s convolutions (84 -> 20 -> 9 -> 7)."""
+    grids = [(height, width)]
+    for _, _, k, s in _conv_plan(1, [1, 1, 1]):
+        h, w = grids[-1]
+        grids.append(((h - k) // s + 1, (w - k) // s + 1))
+    if min(grids[-1]) < 1:
+        raise UserError(f"dreamer: frames of {height}x{width} are too small for the CNN encoder (at least 36x36)")
+    return grids
+
+
+Encoder = VectorEncoder | ImageEncoder
+Decoder = VectorDecoder | ImageDecoder
+
+
+def make_encoder(obs_shape: tuple[int, ...], units: int, layers: int, widths: list[int], features: int) -> Encoder:
+    """The encoder for ``obs_shape``: an MLP of ``layers`` x ``units`` for flat vectors, a CNN
+    (``widths`` channels, ``features`` out) for stacked frames ``(C, H, W)``."""
     if len(obs_shape) == 1:
         return VectorEncoder(obs_shape, units, layers)
-    raise UserError(f"dreamer: observations of shape {obs_shape} are not supported yet (flat vectors only)")
+    if len(obs_shape) == 3:
+        return ImageEncoder(obs_shape, widths, features)
+    raise UserError(f"dreamer: observations of shape {obs_shape} are not supported (flat vectors or (C, H, W) frames)")
 
 
-def make_decoder(obs_shape: tuple[int, ...], feat: int, units: int, layers: int) -> VectorDecoder:
+def make_decoder(obs_shape: tuple[int, ...], feat: int, units: int, layers: int, widths: list[int]) -> Decoder:
     """The decoder for ``obs_shape``, the mirror of :func:`make_encoder`."""
     if len(obs_shape) == 1:
         return VectorDecoder(obs_shape, feat, units, layers)
-    raise UserError(f"dreamer: observations of shape {obs_shape} are not supported yet (flat vectors only)")
+    if len(obs_shape) == 3:
+        return ImageDecoder(obs_shape, feat, widths)
+    raise UserError(f"dreamer: observations of shape {obs_shape} are not supported (flat vectors or (C, H, W) frames)")
 
 
 class TwoHotHead(nn.Module):

@@ -23,6 +23,9 @@ class DreamerSize:
 
 SIZES: dict[str, DreamerSize] = {
     "tiny": DreamerSize(deter=128, units=128, layers=1, groups=8, classes=8, model_lr=6e-4),  # 2 CPU cores
+    # Issue 14's incident: deter 200 and a stochastic state of 32 categoricals x 32 classes (DreamerV2's
+    # Atari latent), DreamerV2's Atari world-model lr 2e-4; pair with dreamer.cnn_channels/cnn_features.
+    "atari": DreamerSize(deter=200, units=256, layers=2, groups=32, classes=32, model_lr=2e-4),
     "small": DreamerSize(deter=512, units=256, layers=2, groups=16, classes=16, model_lr=1e-4),  # wider size1m
     "medium": DreamerSize(deter=2048, units=256, layers=3, groups=32, classes=16, model_lr=1e-4),  # size12m
     "large": DreamerSize(deter=4096, units=512, layers=3, groups=32, classes=32, model_lr=1e-4),  # size50m

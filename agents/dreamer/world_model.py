@@ -27,10 +27,10 @@ class WorldModel(nn.Module):
     def __init__(self, obs_shape: tuple[int, ...], act_dim: int, size: DreamerSize, cfg: DreamerConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = make_encoder(obs_shape, size.units, max(1, size.layers))
+        self.encoder = make_encoder(obs_shape, size.units, max(1, size.layers), cfg.cnn_channels, cfg.cnn_features)
         self.rssm = RSSM(self.encoder.out_dim, act_dim, size.deter, size.groups, size.classes, size.units, cfg.unimix)
         feat = self.rssm.feat_dim
-        self.decoder = make_decoder(obs_shape, feat, size.units, size.layers)
+        self.decoder = make_decoder(obs_shape, feat, size.units, size.layers, cfg.cnn_channels)
         self.reward = TwoHotHead(feat, size.units, size.layers, NUM_BINS)
         self.cont = mlp(feat, size.units, size.layers, 1)
         self.register_buffer("bins", symlog_bins(), persistent=False)
@@ -39,16 +39,18 @@ class WorldModel(nn.Module):
         """Posterior states after each ``next_obs``: ``deter (B, L, D)``, ``stoch (B, L, G, K)``, and
         posterior and prior logits ``(B, L, G, K)``."""
         B, L = seq["is_first"].shape
-        first = self.rssm.start(self.encoder(seq["obs"]).flatten(0, 1), gen)
-        first = {k: v.unflatten(0, (B, L)) for k, v in first.items()}
+        restarts = seq["is_first"].clone()
+        restarts[:, 0] = True  # only these rows' obs are needed (elsewhere obs_t is next_obs_{t-1})
+        first = self.rssm.start(self.encoder(seq["obs"][restarts]), gen)  # (R, ...) in row-major order
+        slot = torch.cumsum(restarts.flatten(), 0).view(B, L) - 1  # row (b, t) -> its index in ``first``
         embed_next = self.encoder(seq["next_obs"])
         state, posts, post_logits, prior_logits = None, [], [], []
         for t in range(L):
-            restart = {k: v[:, t] for k, v in first.items()}
+            restart = {k: v[slot[:, t]] for k, v in first.items()}
             if state is None:
                 state = restart
             else:
-                mask = seq["is_first"][:, t]
+                mask = restarts[:, t]
                 state = {k: torch.where(mask.view(-1, *[1] * (v.dim() - 1)), restart[k], v) for k, v in state.items()}
             state, post, prior = self.rssm.obs_step(state, seq["action"][:, t], embed_next[:, t], gen)
             posts.append(state)

@@ -157,8 +157,10 @@ def test_a_nan_batch_is_reported_not_raised_and_leaves_weights_finite() -> None:
 
 
 def test_unsupported_spaces_and_sizes_are_one_line_errors() -> None:
-    with pytest.raises(UserError, match="not supported yet"):
-        make_encoder((3, 64, 64), 32, 1)
+    with pytest.raises(UserError, match="not supported"):
+        make_encoder((64, 64), 32, 1, [4, 8, 8], 16)
+    with pytest.raises(UserError, match="too small"):
+        make_encoder((4, 20, 84), 32, 1, [4, 8, 8], 16)
     with pytest.raises(UserError, match="not supported"):
         make_actor(ActionSpec("multi_discrete", 4), 16, 32, 1)
     with pytest.raises(UserError, match="dreamer.size"):
