@@ -15,4 +15,5 @@ lint:
 bench:
 	python benchmarks/population_update.py
 	python benchmarks/rollout.py
+	python benchmarks/ray_rollout.py
 	python benchmarks/learning.py

@@ -48,11 +48,19 @@ WAIT_S = 0.2
 class ClusterLost(UserError):
     """The Ray cluster stopped answering, or a dead worker could not be replaced."""
 
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"{reason}; the last finished generation is checkpointed (continue: python main.py --resume)")
+
+
+_started_here: list[bool] = []
+"""Whether :func:`connect` started the local Ray instance this process uses (closing shuts it down)."""
+
 
 def connect(cfg: BackendConfig) -> dict[str, float]:
     """Join the cluster at ``cfg.address`` (or start a local one) unless this process already has
     Ray; returns the cluster's resources. UserError in one line when it cannot be reached."""
     if not ray.is_initialized():
+        _started_here[:] = [not cfg.address]
         address = cfg.address.removeprefix("ray://")
         if address not in ("", "auto"):
             host, _, port = address.rpartition(":")
@@ -252,6 +260,9 @@ class RayBackend:
                 with suppress(RayError, ValueError):  # best effort: it may be gone already
                     ray.kill(worker)
         self.workers = [None] * len(self.shares)
+        if _started_here == [True]:  # a local instance this run started: it ends with the run
+            _started_here.clear()
+            ray.shutdown()
 
     # ------------------------------------------------------------ workers
 
