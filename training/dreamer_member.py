@@ -11,14 +11,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from agents import PopulationAgent
 from agents.dreamer import ActionSpec, DreamerAgent
-from config import Config
+from config import Config, UserError
 from training.envs import EnvPool, make_env
 from training.model_buffer import ModelBuffer
 from training.replay import ReplayBuffer
@@ -28,6 +28,18 @@ PREFIX = "dreamer."
 """Name prefix of the Dreamer member's tensors in a checkpoint."""
 MODEL_BUFFER = f"{PREFIX}model_buffer."
 """Name prefix of the model buffer's tensors in a checkpoint."""
+
+
+class SequenceReplay(Protocol):
+    """What the member's updates read: ``ReplayBuffer`` and ``training.frames.FrameReplay`` both."""
+
+    filled_rows: int
+
+    def sample_sequences(
+        self, batch: int, length: int, rng: np.random.Generator | None = None
+    ) -> dict[str, np.ndarray]:
+        """``(batch, length, ...)`` arrays of every replay field (fresh arrays that own their memory)."""
+        ...
 
 
 def member_rows(members: PopulationAgent, explore: bool) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -56,14 +68,20 @@ class DreamerMember:
     population = 1
     """One member, as ``training.rollout`` counts them."""
 
-    def __init__(self, cfg: Config, obs_dim: int, act_dim: int, device: torch.device, seed: int) -> None:
+    def __init__(self, cfg: Config, obs_shape: tuple[int, ...], act_dim: int, device: torch.device, seed: int) -> None:
+        d = cfg.dreamer
+        if len(obs_shape) > 1 and (d.model_rollouts or d.screen):
+            raise UserError(
+                f"dreamer.model_rollouts and dreamer.screen are not yet supported with image observations "
+                f"{obs_shape} (the members would act on decoded frames); set both false"
+            )
         self.cfg = cfg
         self.device = device
         self.pool = EnvPool(lambda: make_env(cfg.env), cfg.env.envs_per_member)
-        self.agent = DreamerAgent((obs_dim,), ActionSpec(self.pool.action_kind, act_dim), cfg.dreamer, device, seed)
-        d = cfg.dreamer
+        self.agent = DreamerAgent(obs_shape, ActionSpec(self.pool.action_kind, act_dim), d, device, seed)
         self.rng = np.random.default_rng(seed)
         """The member's own draws from the replay (the population's sampling is left unchanged)."""
+        obs_dim = obs_shape[0]
         self.model_buffer = ModelBuffer(d.model_buffer, obs_dim, act_dim, seed + 1) if d.model_rollouts else None
         self.carry = 0.0
         """Fractional model updates owed (never more than one), so no generation gets a burst."""
@@ -86,10 +104,11 @@ class DreamerMember:
         self.carry = owed - updates
         return updates
 
-    def train(self, replay: ReplayBuffer, updates: int, safe_point: Callable[[], None]) -> dict[str, float]:
+    def train(self, replay: SequenceReplay, updates: int, safe_point: Callable[[], None]) -> dict[str, float]:
         """``updates`` world-model + imagination updates on ``(batch_size, seq_len, ...)`` sequences
-        from ``replay``. Returns per-metric means (floats) with ``dreamer_`` names, ``dreamer_updates``,
-        ``dreamer_train_s`` and ``dreamer_finite`` (0.0 when any update saw a non-finite loss or gradient)."""
+        from ``replay`` (flat vectors or frame stacks). Returns per-metric means (floats) with
+        ``dreamer_`` names, ``dreamer_updates``, ``dreamer_train_s`` and ``dreamer_finite`` (0.0 when
+        any update saw a non-finite loss or gradient)."""
         d = self.cfg.dreamer
         started = time.perf_counter()
         sums: dict[str, float] = {}
@@ -139,7 +158,7 @@ class DreamerMember:
         }
 
     def reward_error(
-        self, replay: ReplayBuffer, horizons: tuple[int, ...] = (1, 5, 10, 15), sequences: int = 16
+        self, replay: SequenceReplay, horizons: tuple[int, ...] = (1, 5, 10, 15), sequences: int = 16
     ) -> dict[str, float]:
         """Imagined vs real reward, open loop: from the first state of ``sequences`` real replay
         sequences the model is fed the real actions; ``dreamer_reward_error_h{h}`` is the mean absolute
@@ -179,7 +198,7 @@ class DreamerMember:
     # ------------------------------------------------------------ acting and evaluation
 
     def act_streams(self, obs: np.ndarray, is_first: np.ndarray, explore: bool) -> np.ndarray:
-        """``obs (N, obs_dim)``, ``is_first (N,)`` -> actions ``(N, act_dim)`` float32 in ``[-1, 1]``;
+        """``obs (N, *obs_shape)``, ``is_first (N,)`` -> actions ``(N, act_dim)`` float32 in ``[-1, 1]``;
         non-finite actions (a diverged model) become neutral ones, never a crash."""
         with torch.no_grad(), _one_cpu_thread(self.device):
             action = self.agent.act(torch.as_tensor(obs), torch.as_tensor(is_first), explore).cpu().numpy()

@@ -51,11 +51,6 @@ def _check_pixels(cfg: Config, pool: EnvPool, device: torch.device) -> None:
             f"frames of {'x'.join(map(str, pool.obs_shape[1:]))} are too small for the CNN members "
             "(NatureCNN's kernels 8/4/3, strides 4/2/1 need at least 36x36)"
         )
-    if pixels and cfg.dreamer.enabled:
-        raise UserError(
-            f"dreamer.enabled with image observations {pool.obs_shape} is not yet supported "
-            "(the Dreamer member has no CNN world model yet); set dreamer.enabled=false"
-        )
     if cfg.agent.amp and (device.type != "cuda" or not pixels):
         where = f"runs on {device.type}" if device.type != "cuda" else "has flat observations"
         raise UserError(
@@ -128,7 +123,9 @@ class Trainer:
         evolved = evolved_hyperparameters(cfg, type(self.agent))
         self.evolution = Evolution(cfg.evolution, cfg.population, seed=seed + 2, evolved=evolved)
         self.dreamer = (
-            DreamerMember(cfg, self.pool.obs_dim, self.pool.act_dim, device, seed + 3) if cfg.dreamer.enabled else None
+            DreamerMember(cfg, self.pool.obs_shape, self.pool.act_dim, device, seed + 3)
+            if cfg.dreamer.enabled
+            else None
         )
         """The extra Dreamer member (``dreamer.enabled``): ranked with the population, never evolved."""
         self.counters = Counters()
@@ -369,8 +366,8 @@ class Trainer:
         updates = self.dreamer.updates_due(self.counters.env_steps, trainable)
         if updates == 0:
             return {"dreamer_updates": 0.0}
-        out = self.dreamer.train(self.flat_replay, updates, lambda: self._safe_point(bar, "dreamer"))
-        out |= self.dreamer.reward_error(self.flat_replay)
+        out = self.dreamer.train(self.replay, updates, lambda: self._safe_point(bar, "dreamer"))
+        out |= self.dreamer.reward_error(self.replay)
         if d.model_rollouts and out["dreamer_finite"] and self.dreamer.imagination_ready:
             out |= self.dreamer.branch_rollouts(self.flat_replay, self.agent)
         return out
@@ -418,9 +415,9 @@ class Trainer:
 
     @property
     def flat_replay(self) -> ReplayBuffer:
-        """The replay as the Dreamer member and screening take it: a ``ReplayBuffer`` (with frame
-        stacks the member is refused, see ``_check_pixels``)."""
-        assert isinstance(self.replay, ReplayBuffer), "the Dreamer member needs flat observations"
+        """The replay as model rollouts and screening take it: a ``ReplayBuffer`` (with frame stacks
+        they are refused, see ``DreamerMember``)."""
+        assert isinstance(self.replay, ReplayBuffer), "model rollouts and screening need flat observations"
         return self.replay
 
     def _safe_point(self, bar: ProgressBar, phase: str) -> None:

@@ -86,7 +86,10 @@ def test_the_pong_preset_keeps_the_incidents_shape_and_refuses_what_pixels_lack_
     )
     runs = str(tmp_path / "runs")
     refusals = [
-        (["--set", "dreamer.enabled=true"], "dreamer.enabled with image observations (4, 84, 84) is not yet supported"),
+        (
+            ["--set", "dreamer.enabled=true", "--set", "dreamer.screen=true"],
+            "dreamer.model_rollouts and dreamer.screen are not yet supported with image observations (4, 84, 84)",
+        ),
         (["--set", "agent.algorithm=td3"], "agent.algorithm 'td3' needs box actions"),
         (["--set", "agent.amp=true", "--device", "cpu"], "agent.amp (bf16 autocast of the CNN encoders) needs CUDA"),
     ]
