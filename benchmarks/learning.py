@@ -11,7 +11,8 @@ episodes of all members) is counted.
 
 ``--variants`` compares the Dreamer member's uses side by side (``VARIANTS``), same seeds, same
 machine, one invocation; ``--max-env-steps`` ends a run once it has taken that many env steps,
-and every run ends once the threshold is reached.
+and every run ends once the threshold is reached. The table gives wall and process CPU seconds
+(user + sys, all threads; the held-out measurements included) to the crossing, or of the whole run.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def run_seed(cfg: Config, threshold: float, episodes: int, max_env_steps: int = 
     trainer = runs.start(cfg)
     curve = []
     reached = None
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     try:
         for generation in range(cfg.train.generations):
             record = trainer.run_generation(generation)
@@ -105,6 +106,7 @@ def run_seed(cfg: Config, threshold: float, episodes: int, max_env_steps: int = 
                     "generation": generation + 1,
                     "env_steps": record["env_steps_total"],
                     "wall_s": time.perf_counter() - started,
+                    "cpu_s": time.process_time() - cpu_started,
                     "held_out": measured,
                 }
             if max_env_steps > 0 and (reached is not None or record["env_steps_total"] >= max_env_steps):
@@ -116,6 +118,7 @@ def run_seed(cfg: Config, threshold: float, episodes: int, max_env_steps: int = 
         "reached": reached,
         "curve": curve,
         "wall_s": time.perf_counter() - started,
+        "cpu_s": time.process_time() - cpu_started,
         "final_held_out": curve[-1][2],
     }
 
@@ -159,14 +162,15 @@ def report(args: argparse.Namespace, variant: str, results: list[dict[str, objec
     """One variant's table and RESULT line."""
     label = f"{args.preset}{' ' + variant if variant else ''}"
     print(
-        f"\n{label}\n{'seed':>4} {'reached at env steps':>21} {'generation':>10} {'wall s':>7} {'final held-out':>15}"
+        f"\n{label}\n{'seed':>4} {'reached at env steps':>21} {'generation':>10} {'wall s':>7} {'cpu s':>7} "
+        f"{'final held-out':>15}"
     )
     for r in results:
         hit: Any = r["reached"]
         steps = f"{hit['env_steps']:,}" if hit else "not reached"
         print(
             f"{r['seed']:>4} {steps:>21} {hit['generation'] if hit else '-':>10} "
-            f"{hit['wall_s'] if hit else r['wall_s']:>7.0f} {r['final_held_out']:>15.1f}"
+            f"{(hit or r)['wall_s']:>7.0f} {(hit or r)['cpu_s']:>7.0f} {r['final_held_out']:>15.1f}"
         )
     ok = sum(1 for r in results if r["reached"] and r["reached"]["env_steps"] <= args.budget)  # type: ignore[index]
     print(
