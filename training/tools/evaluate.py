@@ -72,7 +72,7 @@ def actor(gen: Generation, member: Member, pool: EnvPool) -> tuple[Actor, Callab
     from training.dreamer_member import DreamerMember
 
     cfg = gen.cfg
-    dreamer = DreamerMember(cfg, pool.obs_dim, pool.act_dim, torch.device("cpu"), cfg.run.seed + 3)
+    dreamer = DreamerMember(cfg, pool.obs_shape, pool.act_dim, torch.device("cpu"), cfg.run.seed + 3)
     dreamer.pool.close()  # it acts in the evaluation's environments
     try:
         dreamer.load_state(gen.checkpoint.tensors, gen.checkpoint.meta["dreamer"])
