@@ -195,8 +195,7 @@ class RayBackend:
         self.last_play_s = 0.0
         """The latest rollout's longest time inside one actor (its wall time less this is Ray's overhead)."""
         try:
-            for i in range(len(self.shares)):
-                self._start(i)
+            self._start(*range(len(self.shares)))
         except BaseException:
             self.close()
             raise
@@ -266,19 +265,26 @@ class RayBackend:
 
     # ------------------------------------------------------------ workers
 
-    def _start(self, i: int) -> None:
-        """Start actor ``i`` and wait until it answers (ClusterLost after ``start_timeout_s``)."""
-        worker: Any = self.remote.remote(self.cfg, self.shares[i].tolist())
-        try:
-            self.pids[i] = ray.get(worker.pid.remote(), timeout=self.cfg.backend.start_timeout_s)
-        except GetTimeoutError:
-            with suppress(RayError, ValueError):  # best effort: it may be gone already
-                ray.kill(worker)
-            raise ClusterLost(
-                f"rollout worker {i} did not start within {self.cfg.backend.start_timeout_s:g}s "
-                "(backend.start_timeout_s): the Ray cluster has no free CPU for it"
-            ) from None
-        self.workers[i] = worker
+    def _start(self, *indices: int) -> None:
+        """Start the actors ``indices`` together and wait until each answers (ClusterLost when one
+        has not within ``start_timeout_s``: no free CPU for it, or the cluster is gone)."""
+        started: dict[int, Any] = {i: self.remote.remote(self.cfg, self.shares[i].tolist()) for i in indices}
+        pids = {i: worker.pid.remote() for i, worker in started.items()}
+        deadline = time.monotonic() + self.cfg.backend.start_timeout_s
+        for i, worker in started.items():
+            try:
+                self.pids[i] = ray.get(pids[i], timeout=max(0.0, deadline - time.monotonic()))
+            except (GetTimeoutError, RayActorError) as err:
+                for other in started.values():
+                    with suppress(RayError, ValueError):  # best effort: it may be gone already
+                        ray.kill(other)
+                if isinstance(err, RayActorError):  # e.g. the env's package missing on that node
+                    raise ClusterLost(f"rollout worker {i} failed to start: {_cause(err)}") from None
+                raise ClusterLost(
+                    f"rollout worker {i} did not start within {self.cfg.backend.start_timeout_s:g}s "
+                    "(backend.start_timeout_s): the Ray cluster has no free CPU for it"
+                ) from None
+            self.workers[i] = worker
 
     def _replace(self, i: int) -> None:
         with suppress(RayError, ValueError):  # best effort: it may be gone already
@@ -332,6 +338,12 @@ def object_store_bytes() -> float:
         return float(internal_api.get_memory_info_reply(state).store_stats.object_store_bytes_used)
     except Exception:  # a private API: its absence must not stop a run
         return float("nan")
+
+
+def _cause(err: BaseException) -> str:
+    """The last line of a remote error's text (Ray puts the actor's own exception last)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
 
 
 def _first_line(err: BaseException) -> str:

@@ -23,7 +23,8 @@ from training.signals import StopRequested, stop_on_signals
 from training.trainer import Trainer
 
 ray = pytest.importorskip("ray")
-from training.backends.ray_backend import ClusterLost  # noqa: E402  (needs Ray)
+from config import BackendConfig  # noqa: E402
+from training.backends.ray_backend import ClusterLost, shares, worker_count  # noqa: E402  (needs Ray)
 
 TinyConfig = Callable[..., Config]
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -208,3 +209,13 @@ def test_bad_backend_settings_are_one_line(tiny_config: TinyConfig, setting: str
     key, value = setting.split("=")
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         tiny_config({key: int(value) if value.isdigit() else value})
+
+
+def test_workers_hold_whole_contiguous_members() -> None:
+    even = shares(BackendConfig(workers=2), members=5, envs_per_member=2, workers=2)
+    assert [m.tolist() for m in even] == [[0, 1, 2], [3, 4]]
+    sized = BackendConfig(envs_per_worker=4)
+    assert worker_count(sized, streams=10, envs_per_member=2, resources={"CPU": 8}) == 3
+    assert [m.tolist() for m in shares(sized, members=5, envs_per_member=2, workers=3)] == [[0, 1], [2, 3], [4]]
+    assert worker_count(BackendConfig(), streams=10, envs_per_member=2, resources={"CPU": 2}) == 2  # one per CPU
+    assert worker_count(BackendConfig(), streams=3, envs_per_member=1, resources={"CPU": 8}) == 3  # one per member
