@@ -326,7 +326,7 @@ class Config:
         """Stable hash of what a checkpoint means: everything but the ``run``, ``memory`` and
         ``backend`` sections and ``train.generations``."""
         meaning = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("run", "memory", "backend")}
-        defaults = Config().to_dict()
+        defaults = dataclasses.asdict(Config())
         for key in ADDED_KEYS:  # at their defaults, keys added later leave older checkpoints' hashes alone
             section, leaf = key.split(".")
             if meaning[section][leaf] == defaults[section][leaf]:
