@@ -94,5 +94,7 @@ def test_the_pong_preset_keeps_the_incidents_shape_and_refuses_what_pixels_lack_
         (["--set", "agent.amp=true", "--device", "cpu"], "agent.amp (bf16 autocast of the CNN encoders) needs CUDA"),
     ]
     for flags, message in refusals:
-        result = CliRunner().invoke(cli, ["--preset", "pong", "--run-dir", runs, *flags])
+        result = CliRunner().invoke(
+            cli, ["--preset", "pong", "--population", "2", "--run-dir", runs, *flags]
+        )  # 2 envs, not 16
         assert_one_line_user_error(result, message)
