@@ -194,6 +194,7 @@ class RayBackend:
         self.restarted_reported = 0
         self.last_play_s = 0.0
         """The latest rollout's longest time inside one actor (its wall time less this is Ray's overhead)."""
+        self.start_timeout_s = cfg.backend.start_timeout_s
         try:
             self._start(*range(len(self.shares)))
         except BaseException:
@@ -270,7 +271,7 @@ class RayBackend:
         has not within ``start_timeout_s``: no free CPU for it, or the cluster is gone)."""
         started: dict[int, Any] = {i: self.remote.remote(self.cfg, self.shares[i].tolist()) for i in indices}
         pids = {i: worker.pid.remote() for i, worker in started.items()}
-        deadline = time.monotonic() + self.cfg.backend.start_timeout_s
+        deadline = time.monotonic() + self.start_timeout_s
         for i, worker in started.items():
             try:
                 self.pids[i] = ray.get(pids[i], timeout=max(0.0, deadline - time.monotonic()))
@@ -281,7 +282,7 @@ class RayBackend:
                 if isinstance(err, RayActorError):  # e.g. the env's package missing on that node
                     raise ClusterLost(f"rollout worker {i} failed to start: {_cause(err)}") from None
                 raise ClusterLost(
-                    f"rollout worker {i} did not start within {self.cfg.backend.start_timeout_s:g}s "
+                    f"rollout worker {i} did not start within {self.start_timeout_s:g}s "
                     "(backend.start_timeout_s): the Ray cluster has no free CPU for it"
                 ) from None
             self.workers[i] = worker

@@ -137,29 +137,45 @@ def test_object_store_bytes_stay_flat_over_generations(tiny_config: TinyConfig) 
     assert max(used) < 1.0 and used[-1] <= used[1] + 0.1, used  # nothing accumulates
 
 
-def test_a_lost_worker_without_room_for_a_replacement_stops_in_one_line(tiny_config: TinyConfig) -> None:
-    cfg = tiny_config({**SMALL, **RAY, "backend.start_timeout_s": 2.0})
+def test_a_lost_worker_without_room_for_a_replacement_stops_in_one_line_and_resumes_locally(
+    tiny_config: TinyConfig, local_run: Trainer
+) -> None:
+    cfg = tiny_config({**SMALL, **RAY, "run.name": "lost"})
     hogs: list[Any] = []
 
-    def kill_a_worker_and_take_its_cpu(trainer: Trainer) -> None:
-        os.kill(trainer.backend.pids[0], signal.SIGKILL)  # type: ignore[attr-defined]
-        hogs.append(ray.remote(num_cpus=1)(_Hog).remote())  # starts once the dead worker's CPU is free
-        ray.get(hogs[0].ready.remote(), timeout=60)
+    class Hog:  # defined here, so Ray ships it by value (the test module is not importable in workers)
+        """An actor that only holds a CPU."""
+
+        def ready(self) -> bool:
+            return True
+
+    def lose_a_node_in_generation_2(trainer: Trainer) -> None:
+        learn = trainer.learn
+        trainer.backend.start_timeout_s = 2.0  # type: ignore[attr-defined]  (the first start may be slow)
+
+        def learn_then_lose(*args: Any) -> Any:  # the worker dies and its CPU is gone
+            if trainer.counters.generation == 1:
+                os.kill(trainer.backend.pids[0], signal.SIGKILL)  # type: ignore[attr-defined]
+                hogs.append(ray.remote(num_cpus=1)(Hog).remote())  # starts once the dead worker's CPU is free
+                ray.get(hogs[0].ready.remote(), timeout=60)
+            return learn(*args)
+
+        trainer.learn = learn_then_lose  # type: ignore[method-assign]
 
     try:
         with pytest.raises(ClusterLost, match=r"did not start within 2s") as caught:
-            train(cfg, kill_a_worker_and_take_its_cpu)
+            train(cfg, lose_a_node_in_generation_2)
     finally:
         for hog in hogs:
             ray.kill(hog)
-    assert "\n" not in str(caught.value)
-
-
-class _Hog:
-    """An actor that only holds a CPU."""
-
-    def ready(self) -> bool:
-        return True
+    assert "\n" not in str(caught.value) and "python main.py --resume" in str(caught.value)
+    resumed = runs.resume(cfg.run.run_dir, cfg.run.name, {"extra": {"backend.kind": "local"}})
+    try:
+        assert resumed.counters.generation == 1 and resumed.cfg.backend.kind == "local"
+        resumed.train()
+    finally:
+        resumed.close()
+    assert_same_run(local_run, resumed)
 
 
 def test_more_workers_than_cpus_is_refused_before_training(tiny_config: TinyConfig) -> None:
