@@ -140,6 +140,7 @@ def main() -> None:
     obs = np.stack([env.reset(seed=args.seed * 100 + e)[0] for e, env in enumerate(envs)])
     is_first = np.ones(ENVS, np.bool_)
     steps = updates = 0
+    update_s = 0.0
     points: list[tuple[int, float]] = []
     started = time.perf_counter()
     while steps < args.steps:
@@ -154,7 +155,9 @@ def main() -> None:
         obs, is_first = following, terminated | truncated
         steps += ENVS
         if steps % args.update_every == 0 and replay.filled_rows >= SEQ_LEN and len(replay) >= BATCH * SEQ_LEN:
+            tick = time.perf_counter()
             agent.train_step(replay.sample_sequences(BATCH, SEQ_LEN, rng))
+            update_s += time.perf_counter() - tick
             updates += 1
         if steps % args.report_every == 0:
             rss = settled_rss(process)
@@ -163,6 +166,10 @@ def main() -> None:
             minutes = (time.perf_counter() - started) / 60
             print(f"  {steps:>8,} steps  RSS {rss:8.1f} MB  replay {len(replay):>6,}{' (full)' if full else ''}  "
                   f"updates {updates:>4}  {minutes:6.1f} min", flush=True)  # fmt: skip
+    minutes = (time.perf_counter() - started) / 60
+    print(f"{steps:,} env steps in {minutes:.1f} min: {updates} model updates of {update_s / max(updates, 1):.1f} s "
+          f"each, the rest (acting, envs, replay) {(minutes * 60 - update_s) / steps * 1000 * ENVS:.1f} ms "
+          f"per step of both envs")  # fmt: skip
     report(points, args.put_back_leak)
 
 
