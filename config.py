@@ -572,10 +572,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "pong": {
         # Atari Pong (the atari extra): 84x84 frames stacked 4, Discrete(6) -> discrete SAC members with a
         # NatureCNN encoder each (agent.cnn_*), a frame replay of 50,000 transitions (issue 14's incident
-        # shape, ~0.36 GB; SB3's Atari DQN uses 10,000), Dreamer batch 16 x sequence 50 (the member itself
-        # is refused with pixels for now). Sized for one GPU: 16 members x batch 64, one head layer of 256,
-        # 1,000 updates per generation against ~4,000 exploration steps plus every member's full evaluation
-        # episode (mostly these: an untrained member's game is ~800 steps, a good one's several thousand).
+        # shape, ~0.36 GB; SB3's Atari DQN uses 10,000). With dreamer.enabled=true the member is the incident's
+        # (size atari: deter 200, 32x32 latents; NatureCNN encoder/decoder; batch 16 x sequence 50; ~12 s an
+        # update on one CPU thread, benchmarks/pong_soak.py). Sized for one GPU: 16 members x batch 64, one
+        # head layer of 256, 1,000 updates per generation against ~4,000 exploration steps plus every member's
+        # full evaluation episode (mostly these: an untrained member's game is ~800 steps, a good one's
+        # several thousand).
         "env": {"id": "ALE/Pong-v5"},
         "agent": {"hidden_sizes": [256], "batch_size": 64},
         "replay": {"capacity": 50_000},
@@ -586,7 +588,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "accumulation_steps": 1,
             "warmup_steps": 20_000,
         },
-        "dreamer": {"batch_size": 16, "seq_len": 50},
+        "dreamer": {"size": "atari", "batch_size": 16, "seq_len": 50},
     },
     "halfcheetah": {
         "env": {"id": "HalfCheetah-v5"},
