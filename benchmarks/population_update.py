@@ -287,7 +287,8 @@ PRESETS = {
     },
     "halfcheetah": {"population": 16, "hidden": [256, 256], "batch_size": 256, "accumulation": 6},
 }
-"""Shapes of the trainer's presets (``config.PRESETS``); halfcheetah's obs/act sizes are the defaults."""
+"""Shapes of the trainer's presets (``config.PRESETS``); halfcheetah's obs/act sizes are the defaults.
+``pendulum`` keeps issue 15's shape, K=2: the trainer's preset uses K=1 since 2026-12-02 (``-k 1``)."""
 
 
 def build_steps(
