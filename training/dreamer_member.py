@@ -23,6 +23,7 @@ from training.envs import EnvPool, make_env
 from training.model_buffer import ModelBuffer
 from training.replay import ReplayBuffer
 from training.rollout import _one_cpu_thread, episode_quota, rollout
+from training.staging import PinnedStaging
 
 PREFIX = "dreamer."
 """Name prefix of the Dreamer member's tensors in a checkpoint."""
@@ -83,6 +84,8 @@ class DreamerMember:
         """The member's own draws from the replay (the population's sampling is left unchanged)."""
         obs_dim = obs_shape[0]
         self.model_buffer = ModelBuffer(d.model_buffer, obs_dim, act_dim, seed + 1) if d.model_rollouts else None
+        self.staging = PinnedStaging(device) if device.type == "cuda" else None
+        """On CUDA its sequences reach the device through reusable pinned buffers (never views of storage)."""
         self.carry = 0.0
         """Fractional model updates owed (never more than one), so no generation gets a burst."""
         self.seen_env_steps = 0
@@ -114,7 +117,8 @@ class DreamerMember:
         sums: dict[str, float] = {}
         finite = True
         for _ in range(updates):
-            metrics = self.agent.train_step(replay.sample_sequences(d.batch_size, d.seq_len, self.rng))
+            seq = replay.sample_sequences(d.batch_size, d.seq_len, self.rng)
+            metrics = self.agent.train_step(self.staging.to_device(seq) if self.staging is not None else seq)
             finite &= metrics.pop("finite") > 0.5
             for name, value in metrics.items():
                 sums[name] = sums.get(name, 0.0) + value

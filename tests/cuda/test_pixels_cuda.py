@@ -81,3 +81,40 @@ def test_a_pong_generation_on_cuda_samples_through_the_same_pinned_buffers(
     assert trainer.staging is not None and trainer.staging.allocations == 5  # one buffer per field, reused
     assert all(b.is_pinned() for b in trainer.staging.buffers.values())
     assert all(t.device.type == "cuda" for t in trainer.agent.member_tensors().values())
+
+
+def test_the_dreamer_member_on_pong_trains_on_cuda_through_its_own_pinned_buffers(
+    device: torch.device, tiny_config: Callable[..., Config]
+) -> None:
+    pytest.importorskip("ale_py")
+    pong = {
+        "env.id": "ALE/Pong-v5",
+        "env.max_episode_steps": 60,
+        "population": 2,
+        "agent.cnn_channels": [4, 8, 8],
+        "agent.cnn_features": 16,
+        "agent.hidden_sizes": [16],
+        "replay.capacity": 200,
+        "train.steps_per_generation": 40,
+        "train.updates_per_generation": 3,
+        "train.warmup_steps": 80,
+        "train.generations": 2,
+        "evolution.elites": 1,
+        "dreamer.enabled": True,
+        "dreamer.cnn_channels": [4, 8, 8],
+        "dreamer.cnn_features": 16,
+        "dreamer.batch_size": 2,
+        "dreamer.seq_len": 8,
+        "dreamer.train_ratio": 0.2,
+        "run.device": "cuda",
+    }
+    trainer = runs.start(tiny_config(pong))
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    member = trainer.dreamer
+    assert member is not None and member.agent.train_steps >= 2 and member.staging is not None
+    assert member.staging.allocations == 7 and all(b.is_pinned() for b in member.staging.buffers.values())
+    assert member.staging.buffers["obs"].dtype == torch.uint8  # frames cross as uint8
+    assert all(t.device.type == "cuda" for name, t in member.agent.state_tensors().items() if name != "rng")
