@@ -545,8 +545,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         # K=1 and 12 generations (issue 15, 2026-12-02; were K=2 and 18): half the arithmetic a generation,
         # where the update is ~95% of the time. benchmarks/learning.py, seeds 0-2: the elite's held-out mean
         # reached -200 at 25,600 / 16,000 / 19,200 env steps (K=2: 22,400 / 19,200 / 19,200); the run ends at
-        # 41,600, 5 generations after the slowest crossing. One torch thread: 2.6 min for the whole run at load
-        # 2-3; with torch's 2 spinning threads the first generation had not ended after 3.7 min at load 3-5
+        # 41,600, 5 generations after the slowest crossing. One torch thread: 2.4-2.6 min for the whole run at load
+        # 2.4-3.6; with torch's 2 spinning threads the first generation had not ended after 3.7 min at load 3-5
         # (idle, 2 threads are ~1.4x faster per update: --set run.threads=0).
         "env": {"id": "Pendulum-v1"},
         "run": {"threads": 1},
