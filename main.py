@@ -186,7 +186,7 @@ def cli(
                 click.echo(f"warning: {left}", err=True)
             sys.exit(128 + stop.signum)
         except Exception as err:
-            from training.oom import is_out_of_memory
+            from training.memory.oom import is_out_of_memory
 
             if not is_out_of_memory(err):
                 raise

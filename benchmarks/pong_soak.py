@@ -49,8 +49,8 @@ from agents.dreamer import ActionSpec, DreamerAgent  # noqa: E402
 from config import DreamerConfig  # noqa: E402
 from training.envs import make_atari  # noqa: E402
 from training.frames import FrameReplay  # noqa: E402
+from training.memory.sentinel import theil_sen  # noqa: E402
 from training.replay import Transitions  # noqa: E402
-from training.sentinel import theil_sen  # noqa: E402
 
 ENV_ID, ENVS, BATCH, SEQ_LEN = "ALE/Pong-v5", 2, 16, 50
 PER_10K = 10_000

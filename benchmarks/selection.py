@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import build_config  # noqa: E402
 from training import runs  # noqa: E402
 from training.envs import EnvPool, make_env  # noqa: E402
+from training.memory.sentinel import spearman  # noqa: E402
 from training.rollout import rollout  # noqa: E402
-from training.sentinel import spearman  # noqa: E402
 from training.trainer import Trainer  # noqa: E402
 
 SETUPS = {

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config import build_config  # noqa: E402
 from training import runs  # noqa: E402
-from training.sentinel import spearman, theil_sen  # noqa: E402
+from training.memory.sentinel import spearman, theil_sen  # noqa: E402
 from training.trainer import LeakStop  # noqa: E402
 
 DREAMER = {

@@ -19,19 +19,19 @@ from cloud import checkpoint as ckpt
 from cloud.storage import Storage, StorageError
 from cloud.upload import Uploader
 from config import Config, UserError
-from training import oom
 from training.backends import make_backend
 from training.dreamer_member import DreamerMember, toggle_refused
 from training.envs import EnvPool, make_env
 from training.evolution import Evolution
 from training.frames import make_replay
+from training.memory import oom
+from training.memory.sentinel import LeakSentinel, LeakWarning, spearman
+from training.memory.telemetry import TelemetryHistory, memory_snapshot
 from training.replay import PackedStreams, ReplayBuffer
 from training.report import MetricsLog, ProgressBar, status_block
 from training.rollout import MemberSubset, episode_quota, rollout
-from training.sentinel import LeakSentinel, LeakWarning, spearman
 from training.signals import check_stop, stop_requested
 from training.staging import PinnedStaging, batch_dtype
-from training.telemetry import TelemetryHistory, memory_snapshot
 
 PHASE_EXPLORE, PHASE_EVALUATE = 0, 1
 
@@ -530,7 +530,7 @@ class Trainer:
     # ------------------------------------------------------------ memory
 
     def measure_memory(self, generation: int, stats: dict[str, Any]) -> dict[str, float]:
-        """This generation's memory figures (see ``training.telemetry``), kept in the bounded
+        """This generation's memory figures (see ``training.memory.telemetry``), kept in the bounded
         history the out-of-memory report reads."""
         metric_items = sum(len(v) for v in stats.values()) + len(self.evolution.pending)
         snapshot = memory_snapshot(

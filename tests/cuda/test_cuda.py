@@ -15,7 +15,8 @@ import torch
 from agents import Batch, make_population
 from agents.td3 import TD3Population
 from config import AgentConfig, Config
-from training import oom, runs, telemetry
+from training import runs
+from training.memory import oom, telemetry
 
 pytestmark = pytest.mark.cuda
 

@@ -14,8 +14,8 @@ import pytest
 
 from tests.custom_envs.pixels import stacked
 from training.frames import FrameReplay, make_replay
+from training.memory.telemetry import evicted_alive_bytes
 from training.replay import FIELDS, PackedStreams, ReplayBuffer, Transitions
-from training.telemetry import evicted_alive_bytes
 
 FRAME = (8, 8)
 ACT = 3

@@ -18,7 +18,7 @@ from matplotlib.ticker import MaxNLocator
 
 from cloud.storage import LocalStorage, Storage
 from config import EvolutionConfig, MemoryConfig, UserError, from_dict
-from training.sentinel import theil_sen
+from training.memory.sentinel import theil_sen
 from training.tools.loading import parse_jsonl
 from training.tools.output import writable_folder
 

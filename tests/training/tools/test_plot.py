@@ -12,7 +12,7 @@ from config import MemoryConfig
 from main import cli
 from tests.test_main import assert_one_line_user_error
 from tests.training.tools.conftest import FinishedRun, finish_run
-from training.sentinel import theil_sen
+from training.memory.sentinel import theil_sen
 from training.tools.plot import (
     FIGURES,
     elite_lineage,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.oom import (
+from training.memory.oom import (
     FRAGMENTATION,
     LEAK,
     OUTSIDE,

@@ -6,8 +6,8 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import pytest
 
-from training import sentinel as sentinel_module
-from training.sentinel import (
+from training.memory import sentinel as sentinel_module
+from training.memory.sentinel import (
     HINT_EVICTED,
     HINT_FRAGMENTATION,
     HINT_GPU_TENSORS,

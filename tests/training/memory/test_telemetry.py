@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from training.memory.telemetry import MB, TelemetryHistory, memory_snapshot
 from training.replay import ReplayBuffer, Transitions
-from training.telemetry import MB, TelemetryHistory, memory_snapshot
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda", 0)

@@ -2,7 +2,7 @@
 
 "CUDA out of memory. Tried to allocate 174.00 MiB" names only the last allocation, and once named
 the GPU while host memory was the problem. :func:`format_report` puts the recent per-generation
-history from :mod:`training.telemetry` beside the error and classifies it. :func:`classify` applies
+history from :mod:`training.memory.telemetry` beside the error and classifies it. :func:`classify` applies
 these rules, in order, to the history (MB per generation, oldest first):
 
 1. Fewer than ``MIN_HISTORY`` records: ``not enough history``.
@@ -11,7 +11,7 @@ these rules, in order, to the history (MB per generation, oldest first):
    ``METRIC_ITEMS_SLOPE``), or host memory grows where no census tells tensors apart. "Grows" means a
    Theil-Sen slope (the median of all pairwise slopes, which one outlier cannot move) of at least that
    much per generation *and* a Spearman correlation with the generation of at least ``MIN_CORRELATION``
-   (the statistics of :mod:`training.sentinel`, which watches the same records during the run).
+   (the statistics of :mod:`training.memory.sentinel`, which watches the same records during the run).
 3. Memory outside the allocator: host memory (USS, else RSS, minus the replay bytes filled so far)
    grows while the census shows tensors flat, or the CUDA driver's used memory minus the allocator's
    reservation grows.
@@ -40,8 +40,8 @@ import numpy as np
 import psutil
 import torch
 
-from training.sentinel import spearman, theil_sen
-from training.telemetry import MB
+from training.memory.sentinel import spearman, theil_sen
+from training.memory.telemetry import MB
 
 LEAK = "steady growth (a leak)"
 FRAGMENTATION = "fragmentation (reserved >> allocated)"
