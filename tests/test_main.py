@@ -343,3 +343,34 @@ def test_missing_aws_credentials_fail_before_training(tmp_path: Path, monkeypatc
     result = invoke(*tiny_args(tmp_path / "runs", "--checkpoint-uri", "s3://bucket/runs"))
     assert_one_line_user_error(result, "no AWS credentials found")
     assert not list((tmp_path / "runs").glob("*/gen-*"))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda state: state.pop("counters"),  # a key missing
+        lambda state: state.update(counters=[1, 2]),  # a value of the wrong type
+        lambda state: state.update(rng_python="x"),  # a value that does not unpack
+    ],
+)
+def test_a_vouched_for_state_of_the_wrong_structure_is_refused_in_one_line(
+    tmp_path: Path, tiny_config, damage: Callable[[dict], object]
+) -> None:
+    """A manifest that vouches for valid JSON of the wrong structure (a bug, or a hand-edited run):
+    one line, exit 2, and the generation is still there afterwards."""
+    import hashlib
+
+    trainer = runs.start(tiny_config({"train.generations": 1, "run.name": "odd"}))
+    trainer.train()
+    trainer.close()
+    generation = tmp_path / "runs" / "odd" / "gen-000000"
+    state = json.loads((generation / "state.json").read_text())
+    damage(state)
+    data = json.dumps(state).encode()
+    (generation / "state.json").write_bytes(data)
+    manifest = json.loads((generation / "MANIFEST.json").read_text())
+    manifest["objects"]["state.json"].update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (generation / "MANIFEST.json").write_text(json.dumps(manifest))
+    result = invoke("--resume", "--run-dir", str(tmp_path / "runs"))
+    assert_one_line_user_error(result, "generation 1 of run 'odd'", "cannot be read")
+    assert (generation / "MANIFEST.json").is_file() and (generation / "state.json").read_bytes() == data

@@ -21,7 +21,7 @@ from config import Config, RunConfig, UserError, build_config, changed_keys, fro
 from training import backends
 from training.envs import make_env
 from training.report import MetricsLog, read_records, replace_lines
-from training.trainer import Trainer
+from training.trainer import Trainer, UnreadableState
 
 RUN_FILE = "run.json"
 CHECK_KEY = ".evorl-check"
@@ -147,6 +147,11 @@ def resume(run_dir: str, name: str, overrides: dict[str, Any], allow: Sequence[s
     trainer = _build(cfg, name, local, remote, lease)
     try:
         trainer.restore(latest.checkpoint)
+    except UnreadableState as err:
+        trainer.close()
+        raise UserError(
+            f"generation {latest.generation + 1} of run {name!r} cannot be read: {err}; nothing was changed"
+        ) from None
     except ValueError as err:  # shapes that the allowed change altered (population, networks, replay)
         trainer.close()
         raise UserError(

@@ -62,6 +62,11 @@ class TrainingDiverged(UserError):
     """Every member's losses became non-finite."""
 
 
+class UnreadableState(ValueError):
+    """A checkpoint's ``state.json`` parsed (and matched its manifest) but has not the structure
+    this version writes: a bug or a hand-edited run, refused in one line by a resume."""
+
+
 class LeakStop(UserError):
     """The leak sentinel confirmed steady growth and ``memory.stop_on_leak`` is set."""
 
@@ -598,6 +603,14 @@ class Trainer:
         return ckpt.Checkpoint(tensors, meta, blobs)
 
     def restore(self, state: ckpt.Checkpoint) -> None:
+        """Continue from ``state``. ValueError (one line) when its shapes do not fit this trainer;
+        :class:`UnreadableState` when its ``state.json`` parses but lacks this version's structure."""
+        try:
+            self._restore(state)
+        except (KeyError, TypeError, IndexError, AttributeError) as err:
+            raise UnreadableState(f"its state has the wrong structure ({type(err).__name__}: {err})") from None
+
+    def _restore(self, state: ckpt.Checkpoint) -> None:
         meta = state.meta
         self._restore_dreamer(state)  # first: refuses a checkpoint with(out) the member before any change
         agent_tensors = {name[len("agent.") :]: t for name, t in state.tensors.items() if name.startswith("agent.")}
@@ -610,7 +623,10 @@ class Trainer:
             blobs = {name: blob for name, blob in state.blobs.items() if isinstance(blob, bytes)}
             self.replay.load_state(blobs, meta["replay"])
         self.evolution.load_state(meta["evolution"])
-        version, internal, gauss = meta["rng_python"]
+        python_rng = meta["rng_python"]
+        if not isinstance(python_rng, list) or len(python_rng) != 3:
+            raise TypeError("rng_python is not a [version, state, gauss] triple")
+        version, internal, gauss = python_rng
         random.setstate((version, tuple(internal), gauss))
         self.counters = Counters(**meta["counters"])
         self.telemetry.load_state(meta["telemetry"])
