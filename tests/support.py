@@ -1,11 +1,19 @@
-"""Helpers for the tests: live-tensor counting for the memory regression tests (docs/MEMORY.md)
-and exact comparison of population members."""
+"""Helpers for the tests: live-tensor counting for the memory regression tests (docs/MEMORY.md),
+exact comparison of population members, and running a short training to its end."""
 
 from __future__ import annotations
 
 import gc
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
+
+from config import Config
+from training import runs
+from training.trainer import Trainer
 
 
 def live_tensors() -> list[torch.Tensor]:
@@ -35,3 +43,21 @@ def assert_members_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     assert sorted(a) == sorted(b)
     different = [name for name in a if not torch.equal(a[name], b[name])]
     assert not different, f"member tensors differ: {different[:5]}"
+
+
+def train(cfg: Config, before: Callable[[Trainer], None] | None = None) -> Trainer:
+    """Start a run of ``cfg``, call ``before`` on the trainer (a test's hook), train it to the end, close it."""
+    trainer = runs.start(cfg)
+    try:
+        if before is not None:
+            before(trainer)
+        trainer.train()
+    finally:
+        trainer.close()
+    return trainer
+
+
+def metrics(cfg: Config) -> list[dict[str, Any]]:
+    """The run's ``metrics.jsonl`` records, one per generation."""
+    path = Path(cfg.run.run_dir) / cfg.run.name / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]

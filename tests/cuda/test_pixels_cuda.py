@@ -8,11 +8,11 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
+from support import train
 
 from agents import make_population
 from agents.cnn import BatchedCNN
 from config import AgentConfig, Config
-from training import runs
 from training.staging import PinnedStaging
 
 pytestmark = pytest.mark.cuda
@@ -52,32 +52,31 @@ def test_amp_runs_the_encoder_in_bf16_and_returns_float32_features(device: torch
     assert agent.act(frames, explore=True).shape == (3, 16, 6)
 
 
+PONG_ON_CUDA = {
+    "env.id": "ALE/Pong-v5",
+    "env.max_episode_steps": 40,
+    "population": 2,
+    "agent.cnn_channels": [8, 16, 16],
+    "agent.cnn_features": 32,
+    "agent.hidden_sizes": [32],
+    "agent.batch_size": 16,
+    "agent.amp": True,
+    "replay.capacity": 400,
+    "train.steps_per_generation": 40,
+    "train.updates_per_generation": 5,
+    "train.warmup_steps": 80,
+    "train.generations": 2,
+    "evolution.elites": 1,
+    "run.device": "cuda",
+}
+"""Two tiny generations of a Pong population on CUDA."""
+
+
 def test_a_pong_generation_on_cuda_samples_through_the_same_pinned_buffers(
     device: torch.device, tiny_config: Callable[..., Config]
 ) -> None:
     pytest.importorskip("ale_py")
-    pong = {
-        "env.id": "ALE/Pong-v5",
-        "env.max_episode_steps": 40,
-        "population": 2,
-        "agent.cnn_channels": [8, 16, 16],
-        "agent.cnn_features": 32,
-        "agent.hidden_sizes": [32],
-        "agent.batch_size": 16,
-        "agent.amp": True,
-        "replay.capacity": 400,
-        "train.steps_per_generation": 40,
-        "train.updates_per_generation": 5,
-        "train.warmup_steps": 80,
-        "train.generations": 2,
-        "evolution.elites": 1,
-        "run.device": "cuda",
-    }
-    trainer = runs.start(tiny_config(pong))
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
+    trainer = train(tiny_config(PONG_ON_CUDA))
     assert trainer.staging is not None and trainer.staging.allocations == 5  # one buffer per field, reused
     assert all(b.is_pinned() for b in trainer.staging.buffers.values())
     assert all(t.device.type == "cuda" for t in trainer.agent.member_tensors().values())
@@ -87,32 +86,9 @@ def test_the_dreamer_member_on_pong_trains_on_cuda_through_its_own_pinned_buffer
     device: torch.device, tiny_config: Callable[..., Config]
 ) -> None:
     pytest.importorskip("ale_py")
-    pong = {
-        "env.id": "ALE/Pong-v5",
-        "env.max_episode_steps": 60,
-        "population": 2,
-        "agent.cnn_channels": [4, 8, 8],
-        "agent.cnn_features": 16,
-        "agent.hidden_sizes": [16],
-        "replay.capacity": 200,
-        "train.steps_per_generation": 40,
-        "train.updates_per_generation": 3,
-        "train.warmup_steps": 80,
-        "train.generations": 2,
-        "evolution.elites": 1,
-        "dreamer.enabled": True,
-        "dreamer.cnn_channels": [4, 8, 8],
-        "dreamer.cnn_features": 16,
-        "dreamer.batch_size": 2,
-        "dreamer.seq_len": 8,
-        "dreamer.train_ratio": 0.2,
-        "run.device": "cuda",
-    }
-    trainer = runs.start(tiny_config(pong))
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
+    dreamer = {"dreamer.enabled": True, "dreamer.cnn_channels": [4, 8, 8], "dreamer.cnn_features": 16}
+    dreamer |= {"dreamer.batch_size": 2, "dreamer.seq_len": 8, "dreamer.train_ratio": 0.2}  # ~2 updates a generation
+    trainer = train(tiny_config({**PONG_ON_CUDA, **dreamer}))
     member = trainer.dreamer
     assert member is not None and member.agent.train_steps >= 2 and member.staging is not None
     assert member.staging.allocations == 7 and all(b.is_pinned() for b in member.staging.buffers.values())

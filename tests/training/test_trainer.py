@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from support import assert_members_equal, live_storages, tensors_with_graph
+from support import assert_members_equal, live_storages, metrics, tensors_with_graph, train
 
 from agents.sac_discrete import DiscreteSACPopulation
 from agents.td3 import TD3Population
@@ -29,15 +29,6 @@ RICH = {
 }
 
 
-def train(cfg: Config) -> Trainer:
-    trainer = runs.start(cfg)
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-    return trainer
-
-
 def resume(cfg: Config, **overrides: Any) -> Trainer:
     trainer = runs.resume(cfg.run.run_dir, cfg.run.name, overrides)
     try:
@@ -45,11 +36,6 @@ def resume(cfg: Config, **overrides: Any) -> Trainer:
     finally:
         trainer.close()
     return trainer
-
-
-def metrics(cfg: Config) -> list[dict[str, Any]]:
-    path = Path(cfg.run.run_dir) / cfg.run.name / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def lineage(cfg: Config) -> list[str]:

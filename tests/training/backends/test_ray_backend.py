@@ -3,7 +3,6 @@ local backend, a killed worker replaced, a stop and resume, a flat object store,
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -15,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from support import assert_members_equal
+from support import assert_members_equal, metrics, train
 
 from config import Config, UserError, build_config
 from training import runs
@@ -48,22 +47,6 @@ def local_run(tmp_path_factory: pytest.TempPathFactory) -> Trainer:
     return train(build_config("debug", extra={**base, **QUIET, **SMALL}))
 
 
-def train(cfg: Config, before: Callable[[Trainer], None] | None = None) -> Trainer:
-    trainer = runs.start(cfg)
-    try:
-        if before is not None:
-            before(trainer)
-        trainer.train()
-    finally:
-        trainer.close()
-    return trainer
-
-
-def records(cfg: Config) -> list[dict[str, Any]]:
-    path = Path(cfg.run.run_dir) / cfg.run.name / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def assert_same_run(a: Trainer, b: Trainer) -> None:
     """Bit-identical members, replay rows, evolution and per-member fitness."""
     assert_members_equal(a.agent.member_tensors(), b.agent.member_tensors())
@@ -71,7 +54,7 @@ def assert_same_run(a: Trainer, b: Trainer) -> None:
         np.testing.assert_array_equal(a.replay.data[name], b.replay.data[name], err_msg=name)
     assert a.evolution.state() == b.evolution.state()
     assert a.counters.env_steps == b.counters.env_steps
-    assert [r["members"]["fitness"] for r in records(a.cfg)] == [r["members"]["fitness"] for r in records(b.cfg)]
+    assert [r["members"]["fitness"] for r in metrics(a.cfg)] == [r["members"]["fitness"] for r in metrics(b.cfg)]
 
 
 def test_ray_run_equals_the_local_run_with_episodes_of_different_lengths(tiny_config: TinyConfig) -> None:
@@ -81,7 +64,7 @@ def test_ray_run_equals_the_local_run_with_episodes_of_different_lengths(tiny_co
     local = train(tiny_config({**extra, "run.name": "local"}))
     remote = train(tiny_config({**extra, **RAY, "run.name": "ray"}))
     assert_same_run(local, remote)
-    last = records(remote.cfg)[-1]
+    last = metrics(remote.cfg)[-1]
     assert last["ray_workers"] == 2 and last["ray_workers_restarted_total"] == 0
 
 
@@ -101,8 +84,8 @@ def test_a_worker_killed_mid_generation_is_replaced_and_the_run_is_unchanged(
 
     remote = train(tiny_config({**SMALL, **RAY, "run.name": "ray"}), kill_a_worker_after_exploring)
     assert_same_run(local_run, remote)  # TD3 on Pendulum, bit for bit
-    assert [r["ray_workers_restarted"] for r in records(remote.cfg)] == [0, 1]
-    assert records(remote.cfg)[-1]["ray_workers_restarted_total"] == 1
+    assert [r["ray_workers_restarted"] for r in metrics(remote.cfg)] == [0, 1]
+    assert metrics(remote.cfg)[-1]["ray_workers_restarted_total"] == 1
 
 
 def test_a_stop_while_the_workers_play_resumes_to_the_same_run(tiny_config: TinyConfig, local_run: Trainer) -> None:
@@ -132,7 +115,7 @@ def test_a_stop_while_the_workers_play_resumes_to_the_same_run(tiny_config: Tiny
 def test_object_store_bytes_stay_flat_over_generations(tiny_config: TinyConfig) -> None:
     cfg = tiny_config({**RAY, "train.generations": 4, "train.steps_per_generation": 200})
     train(cfg)
-    used = [r["ray_object_store_mb"] for r in records(cfg)]
+    used = [r["ray_object_store_mb"] for r in metrics(cfg)]
     assert all(np.isfinite(used)), used
     assert max(used) < 1.0 and used[-1] <= used[1] + 0.1, used  # nothing accumulates
 
