@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -100,10 +101,9 @@ class LocalStorage(Storage):
     def _write_via_temp(self, key: str, data: bytes, place: Callable[[Path, Path], None]) -> None:
         """Write a synced temporary file beside ``key``, ``place`` it under ``key``, sync the folder."""
         path = self._path(key)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _write_synced(tmp, data)
+            _write_into_folder(tmp, data)
             try:
                 place(tmp, path)
             except FileExistsError:  # only os.link refuses an existing name
@@ -129,8 +129,7 @@ class LocalStorage(Storage):
         try:
             shutil.rmtree(staging, ignore_errors=True)  # left by a crash
             for name, data in objects.items():
-                (staging / name).parent.mkdir(parents=True, exist_ok=True)
-                _write_synced(staging / name, data)
+                _write_into_folder(staging / name, data)
             if final.exists():  # objects of an uncommitted attempt (a committed one has a manifest: refuse)
                 if any(p.name == "MANIFEST.json" for p in final.iterdir()):
                     raise AlreadyExists(f"{final} is already committed; not overwritten")
@@ -148,11 +147,13 @@ class LocalStorage(Storage):
         base = self._path(prefix)
         if not base.is_dir():
             return []
-        return sorted(
-            str(p.relative_to(self.root)).replace(os.sep, "/")
-            for p in base.rglob("*")
-            if p.is_file() and ".tmp-" not in p.name and not _in_staging(p.relative_to(self.root))
-        )
+        keys = []
+        for folder, _, names in os.walk(base):  # a folder deleted meanwhile is skipped, not an error
+            for name in names:
+                relative = (Path(folder) / name).relative_to(self.root)
+                if ".tmp-" not in name and not _in_staging(relative):
+                    keys.append(str(relative).replace(os.sep, "/"))
+        return sorted(keys)
 
     def folders(self, prefix: str) -> builtins.list[str]:
         base = self._path(prefix)
@@ -161,17 +162,35 @@ class LocalStorage(Storage):
         return sorted(p.name for p in base.iterdir() if p.is_dir() and not _in_staging(Path(p.name)))
 
     def delete(self, key: str) -> None:
+        """Remove ``key`` and the folders it leaves empty. Another writer may be filling one of
+        them or another deleter emptying it at the same moment: such a folder is left to them."""
         path = self._path(key)
         path.unlink(missing_ok=True)
         parent = path.parent
-        while parent != self.root and parent.is_dir() and not any(parent.iterdir()):
-            parent.rmdir()
+        while parent != self.root:
+            try:
+                parent.rmdir()  # refuses a folder that is not empty
+            except OSError:  # not empty, or already removed by another deleter
+                return
             parent = parent.parent
 
 
 def _in_staging(relative: Path) -> bool:
     """A path inside a staging folder (``.NAME.partial``) of ``write_many``, below the root."""
     return any(part.startswith(".") and part.endswith(".partial") for part in relative.parts)
+
+
+def _write_into_folder(path: Path, data: bytes, attempts: int = 5) -> None:
+    """Create ``path``'s folders and write ``path`` synced. A concurrent ``delete`` may remove
+    a folder it has just found empty between the two steps: then both are done again."""
+    for attempt in range(attempts):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            _write_synced(path, data)
+            return
+        except FileNotFoundError:
+            if attempt == attempts - 1:
+                raise
 
 
 def _write_synced(path: Path, data: bytes) -> None:

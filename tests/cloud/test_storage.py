@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from cloud import storage as storage_module
 from cloud.storage import LocalStorage, StorageError, check_writable, open_storage
 
 
@@ -40,6 +41,38 @@ def test_delete_removes_empty_folders_up_to_the_root(tmp_path: Path) -> None:
     assert not (tmp_path / "root" / "run" / "gen").exists()
     assert (tmp_path / "root" / "run" / "keep").exists()
     storage.delete("run/missing")  # deleting what is gone is fine
+
+
+def test_a_write_survives_a_delete_removing_its_folder_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another trainer's delete can empty and remove the folder between a writer's mkdir and its
+    write (the race behind concurrent storage checks); the write goes through, nothing is lost."""
+    storage = LocalStorage(tmp_path)
+    storage.write("check/other", b"x")
+    real = storage_module._write_synced
+    raced: list[Path] = []
+
+    def after_the_other_delete(path: Path, data: bytes) -> None:
+        if not raced:
+            raced.append(path)
+            storage.delete("check/other")  # the folder is empty now, so it goes too
+            assert not (tmp_path / "check").exists()
+        real(path, data)
+
+    monkeypatch.setattr(storage_module, "_write_synced", after_the_other_delete)
+    storage.write_new("check/mine", b"ok")
+    assert raced and storage.read("check/mine") == b"ok"
+    assert storage.list("check") == ["check/mine"]
+
+
+def test_a_delete_leaves_a_folder_another_writer_is_filling(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    storage.write("check/mine", b"x")
+    (tmp_path / "check" / ".other.tmp-1-2").write_bytes(b"half written")
+    storage.delete("check/mine")
+    storage.delete("check/mine")  # twice, as two deleters would: no error either time
+    assert (tmp_path / "check" / ".other.tmp-1-2").exists()
 
 
 def test_open_storage_serves_local_paths_and_file_uris(tmp_path: Path) -> None:
