@@ -55,6 +55,16 @@ class PopulationAgent(nn.Module, ABC):
     """Debug only (``memory.inject_leak``): when a list, updates append every loss tensor with
     its autograd graph, reproducing MEMORY.md incident 1 so the leak sentinel can be shown to work."""
 
+    def _apply(self, fn: Callable[..., object], recurse: bool = True) -> PopulationAgent:  # type: ignore[override]
+        """``.to()``, ``.cuda()``, ``.float()`` and the like: refused. They would move the registered
+        parameters only, leaving behind the optimizer moments, the hyperparameter tensors and the flat
+        storage the parameters are views of, so the members would silently stop learning."""
+        raise RuntimeError(
+            f"a {type(self).__name__} cannot be moved or cast after it is built (its optimizer state, "
+            "hyperparameters and flat parameter storage would stay behind); build it on its device: "
+            "make_population(..., device)"
+        )
+
     @classmethod
     def evolved_hyperparameters(cls, explores: bool) -> tuple[str, ...]:
         """The hyperparameters evolution changes: all of them, less :attr:`EXPLORATION_ONLY` when no

@@ -299,3 +299,16 @@ def test_update_keeps_no_activation_alive_and_returns_only_floats(fast: bool, mo
     for metrics in history:
         for values in metrics.values():
             assert all(type(v) is float for v in values)
+
+
+@pytest.mark.parametrize("algorithm", ["td3", "sac_discrete"])
+@pytest.mark.parametrize("move", ["to_cpu", "float", "double"])
+def test_a_population_refuses_to_be_moved_or_cast_after_it_is_built(algorithm: str, move: str) -> None:
+    """A move would leave the optimizer state, the hyperparameters and TD3's flat storage behind."""
+    kind = "discrete" if algorithm == "sac_discrete" else "box"
+    agent = make_population(P, OBS, ACT, AgentConfig(algorithm=algorithm, hidden_sizes=[8]), torch.device("cpu"), kind)
+    before = {name: t.clone() for name, t in agent.member_tensors().items()}
+    moves = {"to_cpu": lambda: agent.to("cpu"), "float": agent.float, "double": agent.double}
+    with pytest.raises(RuntimeError, match="cannot be moved or cast after it is built.*make_population"):
+        moves[move]()
+    assert all(torch.equal(before[name], t) for name, t in agent.member_tensors().items())
