@@ -22,13 +22,16 @@ before issue 15), ``fast`` (the fused update, the default), ``compiled`` (fast w
 ``agent.compile=--compile-mode``; its first calls, the compile time, are reported apart) and
 ``looped``. Ratios are against ``--baseline``. ``--flops`` also times this machine's dense float32
 matmul rate in the same turns and reports each design's achieved matmul FLOP rate as a fraction of
-it; ``--scaling 1 4 16 64`` adds the time per member-update at those population sizes.
+it; ``--scaling 1 4 16 64`` adds the time per member-update at those population sizes. ``--floor``
+replays the fast update's matmul calls alone (recorded by the profiler, same shapes, each timed with
+its inputs in cache) in the same turns: ``design / floor`` bounds what any rewrite keeping that
+arithmetic could gain.
 
 Run from the repository root::
 
     python benchmarks/population_update.py            # batched (fast) vs looped at 256x256, ~1-3 min
     python benchmarks/population_update.py --quick    # smoke run, < 30 s
-    python benchmarks/population_update.py --preset pendulum --designs eager fast compiled --threads 1
+    python benchmarks/population_update.py --preset pendulum --designs eager fast compiled --threads 1 --floor
     python benchmarks/population_update.py --designs eager fast looped --flops --scaling 1 4 16 64
 """
 
@@ -273,6 +276,72 @@ def matmul_step(device: torch.device, size: int) -> tuple[Callable[[], object], 
     return (lambda: torch.mm(a, b)), 2.0 * size**3
 
 
+MATMUL_OPS = {"aten::mm": 2, "aten::bmm": 2, "aten::addmm": 3, "aten::baddbmm": 3}
+"""The matmul kernels an update dispatches, by name, with their number of tensor inputs."""
+
+
+class MatmulFloor:
+    """The matmul calls of ``policy_delay`` updates of a design, recorded once by the profiler (names
+    and input shapes) and replayed on fresh tensors of those shapes, one update's worth per call in
+    turn. Each replayed matmul runs twice and only the second run is timed, with its inputs and output
+    already in cache: :attr:`samples` gets one sum per call. That is the time the update's arithmetic
+    takes at its best on this machine, a lower bound on any update with the same matmuls, so
+    ``design / floor`` bounds the speed-up any rewrite keeping them could reach."""
+
+    def __init__(self, update: Callable[[], object], updates: int, device: torch.device) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        self.device = device
+        self.calls: list[list[tuple[Callable[..., Tensor], list[Tensor]]]] = []
+        for _ in range(updates):
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                update()
+            self.calls.append(
+                [(self._op(e.name), self._inputs(e, device)) for e in prof.events() if self._outermost_matmul(e)]
+            )
+        self.turn = 0
+        self.samples: list[float] = []
+        """Seconds of warm matmuls per call (one update's worth each)."""
+
+    @staticmethod
+    def _outermost_matmul(event: Any) -> bool:
+        parent = event.cpu_parent
+        return event.name in MATMUL_OPS and (parent is None or parent.name not in MATMUL_OPS)
+
+    @staticmethod
+    def _op(name: str) -> Callable[..., Tensor]:
+        return getattr(torch, name.removeprefix("aten::"))  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _inputs(event: Any, device: torch.device) -> list[Tensor]:
+        shapes = event.input_shapes[: MATMUL_OPS[event.name]]
+        return [torch.randn(*shape, device=device) for shape in shapes]
+
+    def matmuls_per_update(self) -> float:
+        return sum(len(calls) for calls in self.calls) / len(self.calls)
+
+    def flops_per_update(self) -> float:
+        """FLOPs of the recorded matmuls (2 per multiply-add), per update: a check of :func:`update_flops`."""
+        total = 0
+        for calls in self.calls:
+            for _, inputs in calls:
+                a, b = inputs[-2:]
+                total += 2 * a.numel() * b.shape[-1]
+        return total / len(self.calls)
+
+    def __call__(self) -> None:
+        seconds = 0.0
+        for op, inputs in self.calls[self.turn]:
+            op(*inputs)  # brings the inputs and the output into cache
+            synchronize(self.device)
+            started = time.perf_counter()
+            op(*inputs)
+            synchronize(self.device)
+            seconds += time.perf_counter() - started
+        self.samples.append(seconds)
+        self.turn = (self.turn + 1) % len(self.calls)
+
+
 # ---------------------------------------------------------------- designs
 
 
@@ -335,10 +404,27 @@ def time_designs(
     if with_matmul:
         mm, matmul_flops = matmul_step(device, args.matmul_size)
         steps["matmul"] = mm
+    floor_matmuls = 0.0
+    if args.floor:
+        recorded = "fast" if "fast" in steps else next(d for d in steps if d != "looped")
+        floor = MatmulFloor(steps[recorded], calls, device)
+        steps["floor"], floor_matmuls = floor, floor.matmuls_per_update()
     alternate(steps, rounds=1, calls=1 if args.quick else calls, device=device)
+    if args.floor:
+        floor.samples.clear()
     wall, cpu = alternate(steps, rounds, calls, device)
+    if args.floor:  # its own warm sums, not the block's wall time (which includes the warming runs)
+        samples = floor.samples  # a block's calls replay the critic-only and the critic + actor update
+        wall["floor"] = cpu["floor"] = [statistics.fmean(samples[i : i + calls]) for i in range(0, len(samples), calls)]
     median = {name: statistics.median(ts) for name, ts in wall.items()}
-    return {"wall": wall, "cpu": cpu, "median": median, "compile_s": compile_s, "matmul_flops": matmul_flops}
+    return {
+        "wall": wall,
+        "cpu": cpu,
+        "median": median,
+        "compile_s": compile_s,
+        "matmul_flops": matmul_flops,
+        "floor_matmuls": floor_matmuls,
+    }
 
 
 # ---------------------------------------------------------------- main
@@ -362,6 +448,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the compiled design")
     parser.add_argument("--flops", action="store_true", help="also time a dense matmul: achieved rate / machine rate")
     parser.add_argument("--matmul-size", type=int, default=1024, help="size of the reference square matmul")
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also time the fast update's matmul calls alone (same shapes): the most any path keeping them can gain",
+    )
     parser.add_argument("--scaling", type=int, nargs="*", default=[], help="populations for time per member-update")
     parser.add_argument("--rounds", type=int, default=0, help="ABAB rounds (0: 2 quick, 10 default)")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
@@ -430,6 +521,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["matmul_gflops"] = machine / 1e9
         result["achieved_gflops"] = {d: flops / median[d] / 1e9 for d in designs}
         result["fraction_of_matmul"] = {d: flops / median[d] / machine for d in designs}
+    if args.floor:
+        result["floor_matmuls_per_update"] = timed["floor_matmuls"]
+        result["floor_bound"] = {d: median[d] / median["floor"] for d in designs}
     if args.scaling:
         result["scaling"] = scaling(args, device, rounds)
     return result
@@ -439,6 +533,7 @@ def scaling(args: argparse.Namespace, device: torch.device, rounds: int) -> dict
     """Median time per member-update (update time / P) of each design but ``looped`` at each population."""
     sub = argparse.Namespace(**vars(args))
     sub.designs = [d for d in args.designs if d != "looped"] or ["fast"]
+    sub.floor = False
     out: dict[str, dict[str, float]] = {}
     for p in args.scaling:
         timed = time_designs(sub, p, device, max(rounds // 2, 2), with_matmul=False)
@@ -467,6 +562,12 @@ def report(result: dict[str, Any]) -> None:
         print(
             f"{name:<10}achieved {result['achieved_gflops'][name]:6.1f} GFLOP/s = {100 * fraction:5.1f}% of this "
             f"machine's dense matmul ({result['matmul_gflops']:.1f} GFLOP/s, same run)"
+        )
+    if "floor_bound" in result:
+        bounds = ", ".join(f"{d} {bound:.2f}x" for d, bound in result["floor_bound"].items())
+        print(
+            f"floor: the fast update's {result['floor_matmuls_per_update']:.1f} matmul calls per update alone, same "
+            f"shapes, each timed warm; no path keeping them beats it. Most speed-up left over each design: {bounds}"
         )
     for p, per_design in result.get("scaling", {}).items():
         cells = "  ".join(f"{d} {1e3 * s:7.3f} ms" for d, s in per_design.items())
