@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from agents.base import Batch, PopulationAgent
-from agents.policy import Policy, load_policy
+from agents.policy import DiscretePolicy, Policy, load_policy
 from agents.sac_discrete import DiscreteSACPopulation
 from agents.td3 import TD3Population
 from config import AgentConfig, UserError
@@ -63,6 +63,7 @@ __all__ = [
     "ALGORITHMS",
     "AUTO",
     "Batch",
+    "DiscretePolicy",
     "Policy",
     "PopulationAgent",
     "algorithm_class",

@@ -1,9 +1,18 @@
 """An exported actor: a safetensors file of its weights plus a small JSON, and the loader that
 turns them into a plain callable ``obs -> action`` (numpy in, numpy out).
 
+Two formats, both read by :func:`load_policy`:
+
 ```
+evorl-policy/1 (TD3: MLP, tanh output rescaled to the action box)
 DIR/policy.safetensors   layers.<i>.weight (in, out) and layers.<i>.bias (out,), float32
 DIR/policy.json          format, architecture, spaces, action scaling, where it came from
+
+evorl-policy/2 (discrete SAC: an optional CNN encoder of uint8 frame stacks, MLP logits, argmax)
+DIR/policy.safetensors   encoder.conv.<i>.weight (out, in, k, k), encoder.conv.<i>.bias (out,),
+                         encoder.linear.weight (in, out), encoder.linear.bias (out,)  [frames only]
+                         layers.<i>.weight (in, out), layers.<i>.bias (out,), float32
+DIR/policy.json          the same, with architecture.input / .encoder / .head / .output
 ```
 
 Loading reads JSON and safetensors only (no pickle): it never executes code from the files. The
@@ -11,8 +20,10 @@ loaded policy needs no trainer, replay or cloud client::
 
     from agents import load_policy
     policy = load_policy("exported/")
-    action = policy(obs)            # obs (obs_dim,) -> action (act_dim,), in the env's units
+    action = policy(obs)            # TD3: obs (obs_dim,) -> action (act_dim,), in the env's units
     actions = policy(batch)         # (N, obs_dim) -> (N, act_dim)
+    action = policy(frames)         # discrete: (stack, H, W) uint8 or (obs_dim,) -> int64 scalar
+    actions = policy(batch)         # (N, stack, H, W) or (N, obs_dim) -> (N,) int64
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import hashlib
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +41,12 @@ import torch
 from torch import Tensor
 
 from agents.batched import BatchedMLP
+from agents.cnn import KERNELS, STRIDES, BatchedCNN, conv_output_size
 
 FORMAT = "evorl-policy/1"
+"""TD3 exports (:class:`Policy`); still written for them, so older loaders read them too."""
+FORMAT_V2 = "evorl-policy/2"
+"""Discrete-SAC exports (:class:`DiscretePolicy`)."""
 WEIGHTS, INFO = "policy.safetensors", "policy.json"
 
 
@@ -79,18 +95,206 @@ def scale_actions(actions: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.
     return np.clip(low + (actions + 1.0) * 0.5 * (high - low), low, high)
 
 
-def save_policy(folder: Path, layers: list[tuple[Tensor, Tensor]], info: dict[str, Any]) -> list[Path]:
-    """Write ``policy.safetensors`` and ``policy.json`` (``info`` plus format, tensor shapes and the
-    weights file's sha256) into ``folder``, each via a temporary file and a rename. Returns both paths."""
-    from safetensors.torch import save
+@dataclass(frozen=True)
+class DiscreteNet:
+    """The shape of a discrete-SAC actor: ``obs_shape`` ``(obs_dim,)`` (the head reads observations)
+    or ``(stack, H, W)`` uint8 frames through a NatureCNN-shaped encoder (``channels`` wide,
+    ``features`` out: :class:`agents.cnn.BatchedCNN`); an MLP head of ``sizes`` (in, hidden..., actions)
+    whose logits' argmax, plus ``first_action`` (the ``Discrete`` space's start), is the action."""
 
+    obs_shape: tuple[int, ...]
+    sizes: tuple[int, ...]
+    channels: tuple[int, ...] = ()
+    features: int = 0
+    first_action: int = 0
+
+    def flat_features(self) -> int:
+        """Values the encoder's convolutions hand its linear layer (``channels[-1] * side_h * side_w``)."""
+        return self.channels[-1] * conv_output_size(self.obs_shape[1]) * conv_output_size(self.obs_shape[2])
+
+    def tensor_shapes(self) -> dict[str, list[int]]:
+        """Every tensor's name and shape in ``policy.safetensors``."""
+        shapes: dict[str, list[int]] = {}
+        if self.channels:
+            widths = [self.obs_shape[0], *self.channels]
+            for i, (inp, out, k) in enumerate(zip(widths[:-1], widths[1:], KERNELS, strict=True)):
+                shapes[f"encoder.conv.{i}.weight"], shapes[f"encoder.conv.{i}.bias"] = [out, inp, k, k], [out]
+            shapes["encoder.linear.weight"] = [self.flat_features(), self.features]
+            shapes["encoder.linear.bias"] = [self.features]
+        for i, (a, b) in enumerate(zip(self.sizes[:-1], self.sizes[1:], strict=False)):
+            shapes[f"layers.{i}.weight"], shapes[f"layers.{i}.bias"] = [a, b], [b]
+        return shapes
+
+    def architecture(self) -> dict[str, Any]:
+        """The JSON's ``architecture``: everything needed to compute the actions from the tensors."""
+        frames = bool(self.channels)
+        arch: dict[str, Any] = {
+            "kind": "cnn_mlp" if frames else "mlp",
+            "input": {
+                "shape": list(self.obs_shape),
+                "dtype": "uint8" if frames else "float32",
+                "scaling": "x / 255 as float32 (values in [0, 1])" if frames else "none",
+            },
+            "head": {"sizes": list(self.sizes), "hidden_activation": "relu", "output_activation": "none (logits)"},
+            "output": {
+                "kind": "argmax",
+                "actions": self.sizes[-1],
+                "first_action": self.first_action,
+                "rule": "action = first_action + argmax(logits), the first of equal maxima",
+            },
+            "layer": "y = x @ weight + bias, weight (in, out)",
+        }
+        if frames:
+            widths = [self.obs_shape[0], *self.channels]
+            arch["encoder"] = {
+                "convolutions": [
+                    {"in_channels": a, "out_channels": b, "kernel": k, "stride": s, "padding": 0, "activation": "relu"}
+                    for a, b, k, s in zip(widths[:-1], widths[1:], KERNELS, STRIDES, strict=True)
+                ],
+                "convolution": "torch.nn.functional.conv2d(x, weight (out, in, k, k), bias, stride), no dilation",
+                "flatten": "each sample's (C, H, W) feature map in row-major order, as torch.flatten",
+                "linear": {"in": self.flat_features(), "out": self.features, "activation": "relu"},
+                "features": self.features,
+            }
+        return arch
+
+    @classmethod
+    def from_architecture(cls, arch: Any) -> DiscreteNet:
+        """The net an ``architecture`` JSON names (KeyError, TypeError or ValueError when it names none)."""
+        encoder = arch.get("encoder")
+        channels = [c["out_channels"] for c in encoder["convolutions"]] if encoder is not None else []
+        net = cls(
+            tuple(int(s) for s in arch["input"]["shape"]),
+            tuple(int(s) for s in arch["head"]["sizes"]),
+            tuple(int(c) for c in channels),
+            int(encoder["features"]) if encoder is not None else 0,
+            int(arch["output"]["first_action"]),
+        )
+        if not net.consistent():
+            raise ValueError(f"{net} is no network DiscretePolicy runs")
+        return net
+
+    def consistent(self) -> bool:
+        """Whether the widths fit together: vectors straight into the head, or three convolutions
+        over frames of at least 36x36 whose features feed the head."""
+        if len(self.sizes) < 2 or min(self.sizes) < 1:
+            return False
+        if not self.channels:
+            return self.obs_shape == self.sizes[:1]
+        frames = len(self.obs_shape) == 3 and min(self.obs_shape) >= 1
+        fit = frames and min(conv_output_size(s) for s in self.obs_shape[1:]) >= 1
+        return fit and len(self.channels) == len(KERNELS) and min(self.channels) >= 1 and self.features == self.sizes[0]
+
+
+def _named_rows(encoder: BatchedCNN | None, actor: BatchedMLP, slot: int) -> dict[str, Tensor]:
+    """Member ``slot``'s rows of the encoder's and actor's parameters, by their names in the file
+    (views: writing them writes the modules)."""
+    named: dict[str, Tensor] = {}
+    if encoder is not None:
+        for i, (weight, bias) in enumerate(zip(encoder.weights, encoder.biases, strict=True)):
+            named[f"encoder.conv.{i}.weight"], named[f"encoder.conv.{i}.bias"] = weight[slot], bias[slot]
+        named["encoder.linear.weight"] = encoder.linear.weight[slot]
+        named["encoder.linear.bias"] = encoder.linear.bias[slot, 0]
+    for i, (weight, bias) in enumerate(actor.neuron_groups()):
+        named[f"layers.{i}.weight"], named[f"layers.{i}.bias"] = weight[slot], bias[slot, 0]
+    return named
+
+
+def discrete_member(
+    encoder: BatchedCNN | None, actor: BatchedMLP, slot: int, obs_shape: tuple[int, ...], first_action: int
+) -> tuple[DiscreteNet, dict[str, Tensor]]:
+    """Member ``slot`` of a discrete-SAC population (its ``encoder``, None for flat observations, and
+    ``actor``): its :class:`DiscreteNet` and its tensors by name, for :func:`save_discrete_policy`."""
+    named = _named_rows(encoder, actor, slot)
+    sizes = [int(named["layers.0.weight"].shape[0])]
+    sizes += [int(w.shape[2]) for w, _ in actor.neuron_groups()]
+    if encoder is None:
+        return DiscreteNet(tuple(obs_shape), tuple(sizes), first_action=first_action), named
+    channels = tuple(int(w.shape[1]) for w in encoder.weights)
+    features = int(encoder.linear.weight.shape[2])
+    return DiscreteNet(tuple(obs_shape), tuple(sizes), channels, features, first_action), named
+
+
+class DiscretePolicy:
+    """A discrete-SAC actor: ``obs -> first_action + argmax(logits)``, computed by the trainer's own
+    modules (:class:`agents.cnn.BatchedCNN`, :class:`agents.batched.BatchedMLP`) with one member."""
+
+    def __init__(self, net: DiscreteNet, tensors: dict[str, Tensor], info: dict[str, Any]) -> None:
+        with torch.random.fork_rng(devices=[]):  # the initial weights are replaced: leave the caller's generator alone
+            encoder = BatchedCNN(1, net.obs_shape, net.channels, net.features) if net.channels else None
+            self.head = BatchedMLP(1, net.sizes[0], net.sizes[1:-1], net.sizes[-1])
+        self.encoder = encoder
+        with torch.no_grad():
+            for name, row in _named_rows(encoder, self.head, 0).items():
+                row.copy_(tensors[name])
+        self.head.requires_grad_(False)
+        if encoder is not None:
+            encoder.requires_grad_(False)
+        self.net, self.info = net, info
+        """``info``: the export's JSON (env config and wrappers, generation, member, fitness, ...)."""
+
+    def logits(self, obs: np.ndarray) -> np.ndarray:
+        """``obs`` ``obs_shape`` or ``(N, *obs_shape)`` -> float32 logits ``(actions,)`` or ``(N, actions)``."""
+        x, single = self._batch(obs)
+        with torch.inference_mode():
+            out = self._logits(x).numpy()
+        return out[0] if single else out
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        """``obs`` ``obs_shape`` -> an int64 action (a 0-d array); ``(N, *obs_shape)`` -> ``(N,)`` int64."""
+        x, single = self._batch(obs)
+        with torch.inference_mode():
+            actions = self._logits(x).argmax(-1).numpy() + self.net.first_action
+        return actions[0] if single else actions
+
+    def _logits(self, x: Tensor) -> Tensor:
+        """``x (N, *obs_shape)`` -> logits ``(N, actions)``, as the population's act() computes them."""
+        features = x.unsqueeze(0) if self.encoder is None else self.encoder(x.unsqueeze(0))
+        out: Tensor = self.head(features)[0]
+        return out
+
+    def _batch(self, obs: np.ndarray) -> tuple[Tensor, bool]:
+        """``obs`` as ``(N, *obs_shape)`` (uint8 frames, float32 vectors) and whether it was one
+        observation; ValueError (one line) for another shape, or frames that are not uint8."""
+        shape, frames = self.net.obs_shape, bool(self.net.channels)
+        x = np.asarray(obs) if frames else np.asarray(obs, np.float32)
+        fits = x.ndim in (len(shape), len(shape) + 1) and x.shape[x.ndim - len(shape) :] == shape
+        if not fits or (frames and x.dtype != np.uint8):
+            what = "uint8 frame stacks" if frames else "observations"
+            many = ", ".join(["N", *map(str, shape)])
+            raise ValueError(f"expected {what} of shape {shape} or ({many}), got {x.shape} {x.dtype}")
+        return torch.as_tensor(x.reshape(-1, *shape)), x.ndim == len(shape)
+
+
+def save_policy(folder: Path, layers: list[tuple[Tensor, Tensor]], info: dict[str, Any]) -> list[Path]:
+    """Write a TD3 actor's ``policy.safetensors`` and ``policy.json`` (``info`` plus format, tensor
+    shapes and the weights file's sha256, :data:`FORMAT`) into ``folder``, each via a temporary file
+    and a rename. Returns both paths."""
     tensors: dict[str, Tensor] = {}
     for i, (weight, bias) in enumerate(layers):
-        tensors[f"layers.{i}.weight"] = weight.detach().cpu().float().contiguous()
-        tensors[f"layers.{i}.bias"] = bias.detach().cpu().float().contiguous()
-    blob = save(tensors, metadata={"format": FORMAT})
+        tensors[f"layers.{i}.weight"], tensors[f"layers.{i}.bias"] = weight, bias
+    return _write(folder, tensors, info, FORMAT)
+
+
+def save_discrete_policy(
+    folder: Path, net: DiscreteNet, tensors: dict[str, Tensor], info: dict[str, Any]
+) -> list[Path]:
+    """Write a discrete actor (:func:`discrete_member`'s ``net`` and ``tensors``) as :data:`FORMAT_V2`:
+    ``info`` plus ``architecture`` (``net.architecture()``), tensor shapes and sha256. Returns both paths."""
+    found = {name: list(t.shape) for name, t in tensors.items()}
+    if found != net.tensor_shapes():
+        raise ValueError(f"the tensors {found} are not the network {net}")
+    return _write(folder, tensors, {"architecture": net.architecture(), **info}, FORMAT_V2)
+
+
+def _write(folder: Path, tensors: dict[str, Tensor], info: dict[str, Any], fmt: str) -> list[Path]:
+    """``tensors`` (as float32) and the JSON of ``info`` in format ``fmt``, atomically each."""
+    from safetensors.torch import save
+
+    tensors = {name: t.detach().cpu().float().contiguous() for name, t in tensors.items()}
+    blob = save(tensors, metadata={"format": fmt})
     described = {
-        "format": FORMAT,
+        "format": fmt,
         **info,
         "tensors": {name: list(t.shape) for name, t in tensors.items()},
         "weights_sha256": hashlib.sha256(blob).hexdigest(),
@@ -107,9 +311,10 @@ def save_policy(folder: Path, layers: list[tuple[Tensor, Tensor]], info: dict[st
     return paths
 
 
-def load_policy(folder: str | Path) -> Policy:
-    """The policy exported into ``folder`` (``python main.py export RUN --out DIR``). Reads only JSON
-    and safetensors; checks the format, the weights' sha256 and every tensor's shape.
+def load_policy(folder: str | Path) -> Policy | DiscretePolicy:
+    """The policy exported into ``folder`` (``python main.py export RUN --out DIR``): a :class:`Policy`
+    for :data:`FORMAT`, a :class:`DiscretePolicy` for :data:`FORMAT_V2`. Reads only JSON and
+    safetensors; checks the format, the weights' sha256 and every tensor's shape.
     Raises :class:`PolicyFileError` (one line) for a missing, damaged or foreign folder."""
     from safetensors import SafetensorError
     from safetensors.torch import load
@@ -122,14 +327,16 @@ def load_policy(folder: str | Path) -> Policy:
         raise PolicyFileError(f"no exported policy in {folder}: {err.strerror or err}") from None
     except ValueError:
         raise PolicyFileError(f"{folder / INFO} is not valid JSON") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise PolicyFileError(f"{folder / INFO} is not an {FORMAT} description")
+    if not isinstance(info, dict) or info.get("format") not in (FORMAT, FORMAT_V2):
+        raise PolicyFileError(f"{folder / INFO} is not an {FORMAT} description nor an {FORMAT_V2} one")
     if hashlib.sha256(blob).hexdigest() != info.get("weights_sha256"):
         raise PolicyFileError(f"{folder / WEIGHTS} does not match the sha256 in {INFO} (damaged or replaced)")
     try:
         tensors = load(blob)
     except (SafetensorError, ValueError) as err:
         raise PolicyFileError(f"{folder / WEIGHTS} cannot be decoded: {err}") from None
+    if info["format"] == FORMAT_V2:
+        return _discrete(tensors, info, folder)
     return Policy(_layers(tensors, info, folder), *_box(info, folder), info)
 
 
@@ -143,6 +350,23 @@ def _layers(tensors: dict[str, Tensor], info: dict[str, Any], folder: Path) -> l
     if not expected or found != expected:
         raise PolicyFileError(f"{folder / WEIGHTS} does not hold the MLP that {INFO} describes ({sizes})")
     return [(tensors[f"layers.{i}.weight"], tensors[f"layers.{i}.bias"]) for i in range(len(sizes) - 1)]
+
+
+def _discrete(tensors: dict[str, Tensor], info: dict[str, Any], folder: Path) -> DiscretePolicy:
+    """The :data:`FORMAT_V2` policy: its architecture must be exactly the one this loader writes
+    for the network it names (so every kernel, stride, activation and scaling is checked), and the
+    tensors exactly that network's."""
+    try:
+        net = DiscreteNet.from_architecture(info["architecture"])
+        known = net.architecture() == info["architecture"]
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+        known = False
+    if not known:
+        raise PolicyFileError(f"{folder / INFO} describes no architecture this loader runs (CNN + MLP, argmax)")
+    found = {name: list(t.shape) for name, t in tensors.items()}
+    if found != net.tensor_shapes():
+        raise PolicyFileError(f"{folder / WEIGHTS} does not hold the network that {INFO} describes")
+    return DiscretePolicy(net, tensors, info)
 
 
 def _box(info: dict[str, Any], folder: Path) -> tuple[np.ndarray, np.ndarray]:
