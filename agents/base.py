@@ -10,6 +10,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import ClassVar, NamedTuple, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -28,6 +29,12 @@ class Batch(NamedTuple):
     reward: Tensor
     next_obs: Tensor
     terminated: Tensor
+
+
+def device_dtype(values: np.ndarray | Tensor) -> torch.dtype:
+    """The dtype a sampled field takes to the device: uint8 frames stay uint8 (compact until the
+    encoder scales them), everything else becomes float32."""
+    return torch.uint8 if values.dtype in (np.uint8, torch.uint8) else torch.float32
 
 
 class PopulationAgent(nn.Module, ABC):

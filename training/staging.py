@@ -14,11 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-
-def batch_dtype(array: np.ndarray) -> torch.dtype:
-    """The device dtype of a sampled field: uint8 frames stay uint8 (the agent scales them), the
-    rest becomes float32."""
-    return torch.uint8 if array.dtype == np.uint8 else torch.float32
+from agents.base import device_dtype
 
 
 class PinnedStaging:
@@ -39,12 +35,12 @@ class PinnedStaging:
 
     def to_device(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """``name -> array`` (fresh sample arrays, any shape) -> ``name -> device tensor`` of the same
-        shape, dtype from :func:`batch_dtype`."""
+        shape, dtype from :func:`device_dtype`."""
         if self._copied is not None:
             self._copied.synchronize()  # the last copies out of the buffers are done: they may be rewritten
         out = {}
         for name, array in arrays.items():
-            buffer = self._buffer(name, array.shape, batch_dtype(array))
+            buffer = self._buffer(name, array.shape, device_dtype(array))
             buffer.copy_(torch.from_numpy(array))
             out[name] = buffer.to(self.device, non_blocking=self.pin, copy=True)
         if self.pin:

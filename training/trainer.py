@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from agents import Batch, PopulationAgent, make_population
+from agents.base import device_dtype
 from agents.cnn import conv_output_size
 from cloud import checkpoint as ckpt
 from cloud.storage import Storage, StorageError
@@ -31,7 +32,7 @@ from training.replay import PackedStreams, ReplayBuffer
 from training.report import MetricsLog, ProgressBar, status_block
 from training.rollout import MemberSubset, episode_quota, rollout
 from training.signals import check_stop, stop_requested
-from training.staging import PinnedStaging, batch_dtype
+from training.staging import PinnedStaging
 
 PHASE_EXPLORE, PHASE_EVALUATE = 0, 1
 
@@ -447,7 +448,7 @@ class Trainer:
         if self.staging is not None and not model:
             tensors = self.staging.to_device({name: arrays[name] for name in names})
         else:  # fresh owning arrays: on cpu the tensors share their memory, with no copy
-            tensors = {n: torch.as_tensor(arrays[n], dtype=batch_dtype(arrays[n]), device=self.device) for n in names}
+            tensors = {n: torch.as_tensor(arrays[n], dtype=device_dtype(arrays[n]), device=self.device) for n in names}
         fields = [tensors[name].view(count, p, *tensors[name].shape[1:]) for name in names]
         return [Batch(*(field[k] for field in fields)) for k in range(count)]
 

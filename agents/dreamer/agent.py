@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from agents.base import device_dtype
 from agents.dreamer.behavior import ActorCritic
 from agents.dreamer.networks import ActionSpec
 from agents.dreamer.rssm import State
@@ -55,7 +56,7 @@ class DreamerAgent:
     def _tensors(self, seq: Mapping[str, np.ndarray | Tensor]) -> dict[str, Tensor]:
         """The sequence fields on the device as float32, except frames: uint8 observations travel as
         uint8 (a quarter of the bytes) and the image encoder scales them there."""
-        out = {k: torch.as_tensor(seq[k]).to(self.device, _dtype(seq[k], k)) for k in SEQ_FIELDS}
+        out = {k: torch.as_tensor(seq[k]).to(self.device, device_dtype(seq[k])) for k in SEQ_FIELDS}
         out["is_first"] = out["is_first"] > 0.5
         return out
 
@@ -105,7 +106,7 @@ class DreamerAgent:
         """``obs (N, obs_dim)``, ``is_first (N,)`` bool -> actions ``(N, act_dim)`` in ``[-1, 1]``.
         Keeps a detached filter state per env; where ``is_first`` (or on the first call, or when ``N``
         changes) an env's state restarts from ``obs`` alone."""
-        obs = obs.to(self.device, _dtype(obs, "obs"))
+        obs = obs.to(self.device, device_dtype(obs))
         embed = self.wm.encoder(obs)
         start = self.wm.rssm.start(embed, self.gen)
         state, prev = self._act_state, self._act_prev
@@ -144,7 +145,7 @@ class DreamerAgent:
         self, start_obs: Tensor, policy: Policy | Tensor | None, steps: int
     ) -> tuple[dict[str, Tensor], Tensor]:
         """:meth:`imagine_rollout`, plus the last state's features ``(B, F)``."""
-        obs = start_obs.to(self.device, _dtype(start_obs, "obs"))
+        obs = start_obs.to(self.device, device_dtype(start_obs))
         state = self.wm.rssm.start(self.wm.encoder(obs), self.gen)
         out: dict[str, list[Tensor]] = {"obs": [], "action": [], "next_obs": [], "reward": [], "cont": []}
         for step in range(steps):
@@ -220,9 +221,3 @@ class DreamerAgent:
         if state.get("version") != STATE_VERSION:
             raise UserError(f"dreamer state version {state.get('version')!r} is not {STATE_VERSION}")
         self.train_steps = int(state["train_steps"])
-
-
-def _dtype(values: np.ndarray | Tensor, name: str) -> torch.dtype:
-    """uint8 for frame observations (kept compact until the encoder), float32 for everything else."""
-    frames = name in ("obs", "next_obs") and values.dtype in (np.uint8, torch.uint8)
-    return torch.uint8 if frames else torch.float32

@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from agents.base import device_dtype
 from training.frames import FrameReplay
 from training.replay import Transitions
-from training.staging import PinnedStaging, batch_dtype
+from training.staging import PinnedStaging
 
 E, ACT = 2, 3
 
@@ -39,7 +40,7 @@ def test_samples_own_their_memory_and_reach_the_device_as_fresh_tensors() -> Non
         np.testing.assert_array_equal(tensor.numpy(), arrays[name].astype(tensor.numpy().dtype), err_msg=name)
         assert tensor.data_ptr() != staging.buffers[name].data_ptr(), name  # not the reused buffer itself
         assert not np.shares_memory(tensor.numpy(), arrays[name]), name
-    assert batch_dtype(arrays["obs"]) == torch.uint8 and batch_dtype(arrays["reward"]) == torch.float32
+    assert device_dtype(arrays["obs"]) == torch.uint8 and device_dtype(arrays["reward"]) == torch.float32
 
 
 def test_staging_buffers_are_reused_and_do_not_grow() -> None:
