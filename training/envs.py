@@ -7,6 +7,7 @@ import importlib
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -30,6 +31,13 @@ ATARI_FRAME_SKIP = 4
 ATARI_STACK = 4
 ATARI_EPISODE_LIMIT = 108_000 // ATARI_FRAME_SKIP
 """Agent steps in the ALE v5 ids' own limit of 108,000 emulator frames (30 minutes of play)."""
+ATARI_PREPROCESSING: dict[str, Any] = {
+    "noop_max": 30,
+    "frame_skip": ATARI_FRAME_SKIP,
+    "screen_size": 84,
+    "grayscale_obs": True,
+}
+"""``AtariPreprocessing``'s arguments in :func:`make_atari` (the rest are gymnasium's defaults)."""
 
 
 def make_env(cfg: EnvConfig) -> gym.Env:
@@ -44,6 +52,25 @@ def make_env(cfg: EnvConfig) -> gym.Env:
         env = TimeLimit(env, max_episode_steps=cfg.max_episode_steps or DEFAULT_EPISODE_LIMIT)
     check_spaces(env, cfg.id)
     return env
+
+
+def wrappers(cfg: EnvConfig, env: gym.Env) -> list[dict[str, Any]]:
+    """How :func:`make_env` built ``env`` from ``cfg``, innermost first, for rebuilding it without
+    the trainer: ``{"call": "gymnasium.make" | "gymnasium.wrappers.<Name>" | "module:ClassName",
+    "args": {...}}``, each call taking the previous one's env as its first argument (``needs``: a
+    package to import and ``gymnasium.register_envs`` first)."""
+    limit = {"max_episode_steps": episode_limit(env)}
+    if cfg.id.startswith(ATARI_PREFIX):
+        return [
+            {"call": "gymnasium.make", "args": {"id": cfg.id, "frameskip": 1}, "needs": "ale_py"},
+            {"call": "gymnasium.wrappers.AtariPreprocessing", "args": dict(ATARI_PREPROCESSING)},
+            {"call": "gymnasium.wrappers.FrameStackObservation", "args": {"stack_size": ATARI_STACK}},
+            {"call": "gymnasium.wrappers.TimeLimit", "args": limit},
+        ]
+    if ":" in cfg.id and not cfg.id.startswith(":"):
+        built = [{"call": cfg.id, "args": {}}]
+        return built + ([{"call": "gymnasium.wrappers.TimeLimit", "args": limit}] if limit["max_episode_steps"] else [])
+    return [{"call": "gymnasium.make", "args": {"id": cfg.id, **limit}}]
 
 
 def episode_limit(env: gym.Env) -> int | None:
@@ -74,7 +101,7 @@ def make_atari(env_id: str, max_episode_steps: int = 0) -> gym.Env:
     except gym.error.Error as err:
         raise UserError(f"unknown environment {env_id!r}: {str(err).splitlines()[0]}") from None
     try:
-        env = AtariPreprocessing(env, noop_max=30, frame_skip=ATARI_FRAME_SKIP, screen_size=84, grayscale_obs=True)
+        env = AtariPreprocessing(env, **ATARI_PREPROCESSING)
     except gym.error.DependencyNotInstalled:  # opencv, which the extra installs with ale-py
         raise UserError(f"env {env_id!r} needs opencv for Atari preprocessing: {ATARI_INSTALL}") from None
     env = FrameStackObservation(env, ATARI_STACK)

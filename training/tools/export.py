@@ -1,7 +1,9 @@
-"""Export one population member's actor from a checkpointed generation (``agents.policy`` format)."""
+"""Export one population member's actor from a checkpointed generation (``agents.policy`` formats):
+TD3 members as ``evorl-policy/1``, discrete-SAC members (MLP, or CNN encoder + MLP) as ``evorl-policy/2``."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -9,17 +11,18 @@ import gymnasium as gym
 import numpy as np
 
 from agents.batched import BatchedLinear
-from agents.policy import INFO, WEIGHTS, save_policy
+from agents.policy import INFO, WEIGHTS, discrete_member, save_discrete_policy, save_policy
+from agents.sac_discrete import DiscreteSACPopulation
 from agents.td3 import TD3Population
 from config import UserError
-from training.envs import make_env
+from training.envs import make_env, wrappers
 from training.tools.loading import Generation, Member, make_pool, population_agent
 from training.tools.output import writable_folder
 
 
 def export(gen: Generation, member: Member, out: Path, force: bool = False) -> list[Path]:
     """Write ``policy.safetensors`` + ``policy.json`` for ``member`` into ``out``; refuses to replace
-    an earlier export without ``force``, and members that are not TD3 actors ("not yet supported")."""
+    an earlier export without ``force``, the Dreamer member and algorithms it has no format for."""
     if member.slot is None:
         raise UserError("exporting the Dreamer member is not yet supported; export a population member (--member)")
     targets = [out / WEIGHTS, out / INFO]
@@ -29,24 +32,17 @@ def export(gen: Generation, member: Member, out: Path, force: bool = False) -> l
         agent = population_agent(gen, pool)
     finally:
         pool.close()
+    if isinstance(agent, DiscreteSACPopulation):
+        net, tensors = discrete_member(agent.encoder, agent.actor, member.slot, pool.obs_shape, pool.first_action)
+        return save_discrete_policy(out, net, tensors, describe(gen, member, "sac_discrete"))
     if not isinstance(agent, TD3Population):
         algorithm = gen.cfg.agent.algorithm
-        raise UserError(f"exporting agent.algorithm {algorithm!r} members is not yet supported (td3 only)")
+        raise UserError(f"exporting agent.algorithm {algorithm!r} members is not yet supported (td3, sac_discrete)")
     linear: list[BatchedLinear] = list(agent.actor.layers)  # type: ignore[arg-type]
     layers = [(layer.weight[member.slot], layer.bias[member.slot, 0]) for layer in linear]
     sizes = [int(layers[0][0].shape[0]), *(int(weight.shape[1]) for weight, _ in layers)]
-    return save_policy(out, layers, describe(gen, member, sizes))
-
-
-def describe(gen: Generation, member: Member, sizes: list[int]) -> dict[str, Any]:
-    """The JSON beside the weights: architecture, spaces, scaling and where the actor came from."""
-    env = make_env(gen.cfg.env)
-    try:
-        obs_space, act_space = env.observation_space, env.action_space
-    finally:
-        env.close()
-    assert isinstance(obs_space, gym.spaces.Box) and isinstance(act_space, gym.spaces.Box)
-    return {
+    info = describe(gen, member, "td3")
+    info = {
         "architecture": {
             "kind": "mlp",
             "sizes": sizes,
@@ -54,12 +50,29 @@ def describe(gen: Generation, member: Member, sizes: list[int]) -> dict[str, Any
             "output_activation": "tanh",
             "layer": "y = x @ weight + bias, weight (in, out)",
         },
-        "observation_space": _box(obs_space),
-        "action_space": _box(act_space),
+        **info,
         "action_scaling": "low + (tanh_output + 1) / 2 * (high - low), clipped to [low, high]",
+    }
+    return save_policy(out, layers, info)
+
+
+def describe(gen: Generation, member: Member, algorithm: str) -> dict[str, Any]:
+    """The JSON beside the weights (but the architecture): spaces, the env the policy acts in and
+    how it is built, and where the actor came from."""
+    env = make_env(gen.cfg.env)
+    try:
+        obs_space, act_space, built = env.observation_space, env.action_space, wrappers(gen.cfg.env, env)
+    finally:
+        env.close()
+    assert isinstance(obs_space, gym.spaces.Box)
+    return {
+        "observation_space": _box(obs_space),
+        "action_space": _box(act_space) if isinstance(act_space, gym.spaces.Box) else _discrete(act_space),
         "env_id": gen.cfg.env.id,
         "max_episode_steps": gen.cfg.env.max_episode_steps,
-        "algorithm": "td3",
+        "env": dataclasses.asdict(gen.cfg.env),
+        "env_wrappers": built,
+        "algorithm": algorithm,
         "run": gen.run,
         "generation": gen.generation + 1,
         "member": member.name,
@@ -70,9 +83,18 @@ def describe(gen: Generation, member: Member, sizes: list[int]) -> dict[str, Any
 
 
 def _box(space: gym.spaces.Box) -> dict[str, Any]:
+    """Shape, dtype and bounds; the bounds as one number when every entry has the same (frames)."""
+    low, high = np.asarray(space.low, np.float64), np.asarray(space.high, np.float64)
+    uniform = len(space.shape) > 1 and low.min() == low.max() and high.min() == high.max()
     return {
+        "kind": "box",
         "shape": list(space.shape),
         "dtype": str(space.dtype),
-        "low": np.asarray(space.low, np.float64).tolist(),
-        "high": np.asarray(space.high, np.float64).tolist(),
+        "low": float(low.flat[0]) if uniform else low.tolist(),
+        "high": float(high.flat[0]) if uniform else high.tolist(),
     }
+
+
+def _discrete(space: gym.Space) -> dict[str, Any]:
+    assert isinstance(space, gym.spaces.Discrete)
+    return {"kind": "discrete", "n": int(space.n), "start": int(space.start)}
