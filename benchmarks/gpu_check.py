@@ -14,6 +14,9 @@ Steps, each a subprocess with its own time limit inside the overall budget (``--
 4. The same benchmark at the pendulum shape: fast over eager, and compiled (``reduce-overhead``:
    CUDA graphs) over eager, with the compile time.
 
+It needs the project's dependencies where it runs (gymnasium; ale-py for the Pong tests): on a
+machine without internet, bring them as wheels and put them on ``PYTHONPATH``, which the steps keep.
+
 Then a summary of a few lines (PASS/FAIL per step with its figure) and, with ``--json``, every figure.
 Exit code 0 when every step passed, 1 when one failed, 2 without a CUDA device (one line, nothing run).
 
@@ -78,7 +81,8 @@ class Steps:
         if limit < 10:
             self.results[name] = {"seconds": 0.0, "exit_code": None}
             return None, f"skipped: the budget was spent ({max(limit, 0):.0f} s left)"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)  # keep the caller's
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
         started = time.monotonic()
         try:
             done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit)
@@ -175,12 +179,12 @@ def compile_step(steps: Steps, device: str) -> str:
     if result is None:
         return "FAIL fast and CUDA-graph update at the pendulum shape: the benchmark did not finish"
     fast, graphs = result["ratio"]["fast"], result["ratio"]["compiled"]
-    steps.results["compile"] |= {"passed": fast >= 2, "fast_over_eager": fast, "graphs_over_eager": graphs}
+    passed = max(fast, graphs) >= 2  # the goal is met by either path (agent.compile picks CUDA graphs)
+    steps.results["compile"] |= {"passed": passed, "fast_over_eager": fast, "graphs_over_eager": graphs}
     steps.results["compile"] |= {"compile_s": result["compile_s"], "median_s": result["median_s"]}
-    verdict = "PASS" if fast >= 2 else "FAIL"
     return (
-        f"{verdict} pendulum shape: fast/eager {fast:.2f}x (goal >= 2x), CUDA graphs/eager {graphs:.2f}x "
-        f"(compiled in {result['compile_s']:.0f} s)"
+        f"{'PASS' if passed else 'FAIL'} pendulum shape: fast/eager {fast:.2f}x, CUDA graphs/eager {graphs:.2f}x "
+        f"(goal: either >= 2x; compiled in {result['compile_s']:.0f} s)"
     )
 
 
