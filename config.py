@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -303,6 +304,10 @@ class BackendConfig:
     """Environments per actor (a multiple of ``env.envs_per_member``); 0: the members split evenly."""
     start_timeout_s: float = 120.0
     """How long a (replacement) actor may take to start before the cluster counts as gone."""
+    call_timeout_s: float = 600.0
+    """How long an actor may take to play its share of one phase before it counts as hung: it is
+    killed, replaced and its share played again (three times in a row: the run stops). Raise it
+    when one actor's share of a phase legitimately takes longer (a slow simulator, many streams)."""
 
 
 @dataclass
@@ -502,6 +507,10 @@ def _validate_backend(b: BackendConfig, population: int, envs_per_member: int) -
     _check(b.workers >= 0, "backend.workers must be >= 0 (0: from backend.envs_per_worker or the cluster's CPUs)")
     _check(b.envs_per_worker >= 0, "backend.envs_per_worker must be >= 0 (0: the members split evenly)")
     _check(b.start_timeout_s > 0, "backend.start_timeout_s must be > 0")
+    _check(
+        0 < b.call_timeout_s < math.inf,
+        f"backend.call_timeout_s must be a finite number of seconds > 0, got {b.call_timeout_s}",
+    )
     _check(
         b.envs_per_worker % envs_per_member == 0,
         f"backend.envs_per_worker ({b.envs_per_worker}) must be a multiple of env.envs_per_member "

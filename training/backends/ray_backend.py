@@ -9,10 +9,12 @@ exactly as the local backend does. Evaluation stops when every stream completed 
 actor whose streams finished sooner is asked once more for the common number of steps (replayed
 from the same seeds: the same steps, just more of them).
 
-A worker that dies is replaced and its share rerun from the same seeds and weights (the result is
-the one an undisturbed run gets). A replacement that cannot start within
-``backend.start_timeout_s``, or a cluster that stops answering, ends the run at this safe point in
-one line (:class:`ClusterLost`); the last generation is checkpointed and ``--resume`` continues.
+A worker that dies, or hangs (has not answered within ``backend.call_timeout_s``: it is killed),
+is replaced and its share rerun from the same seeds and weights (the result is the one an
+undisturbed run gets). A worker failing three times in a row in one phase, a replacement that
+cannot start within ``backend.start_timeout_s``, or a cluster that stops answering ends the run at
+this safe point in one line (:class:`ClusterLost`); the last generation is checkpointed and
+``--resume`` continues. Every wait on a worker is bounded by one of those two timeouts.
 """
 
 from __future__ import annotations
@@ -195,6 +197,8 @@ class RayBackend:
         self.last_play_s = 0.0
         """The latest rollout's longest time inside one actor (its wall time less this is Ray's overhead)."""
         self.start_timeout_s = cfg.backend.start_timeout_s
+        self.call_timeout_s = cfg.backend.call_timeout_s
+        """How long one actor's share of a phase may take before the actor counts as hung."""
         try:
             self._start(*range(len(self.shares)))
         except BaseException:
@@ -295,27 +299,54 @@ class RayBackend:
         self.restarted += 1
 
     def _gather(self, calls: dict[int, Callable[[int], Any]], on_step: Callable[[int], None] | None) -> dict[int, Any]:
-        """Run ``calls[i](i)`` on actor ``i`` for each ``i``; a dead actor is replaced and its call
-        made again (at most twice per actor). While waiting, a stop signal is honoured."""
-        pending = {calls[i](i): i for i in calls}
+        """Run ``calls[i](i)`` on actor ``i`` for each ``i``. An actor that dies, or has not answered
+        within ``call_timeout_s`` (hung), is killed, replaced and its call made again; the third
+        failure of one actor in a row ends the run (ClusterLost). While waiting, a stop signal is honoured."""
+        pending: dict[Any, int] = {}
+        deadlines: dict[int, float] = {}
         tries = dict.fromkeys(calls, 0)
         out: dict[int, Any] = {}
+
+        def submit(i: int) -> None:
+            pending[calls[i](i)] = i
+            deadlines[i] = time.monotonic() + self.call_timeout_s
+
+        def retry(i: int, why: str) -> None:
+            tries[i] += 1
+            if tries[i] > 2:
+                raise ClusterLost(f"rollout worker {i} failed three times in a row (last: {why})")
+            self._replace(i)
+            submit(i)
+
+        hung = f"it hung: no answer within {self.call_timeout_s:g}s (backend.call_timeout_s)"
+        for i in calls:
+            submit(i)
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_S)
-            if not ready:
-                if on_step is not None and stop_requested() is not None:
-                    on_step(0)  # raises StopRequested at this safe point
-                continue
-            i = pending.pop(ready[0])
-            try:
-                out[i] = ray.get(ready[0])
-            except RayActorError as err:
-                tries[i] += 1
-                if tries[i] > 2:
-                    raise ClusterLost(f"rollout worker {i} died three times in a row ({_first_line(err)})") from None
-                self._replace(i)
-                pending[calls[i](i)] = i
+            if ready:
+                i = pending.pop(ready[0])
+                try:
+                    out[i] = ray.get(ready[0], timeout=self.call_timeout_s)
+                except RayActorError as err:
+                    retry(i, f"it died: {_first_line(err)}")
+                except GetTimeoutError:
+                    retry(i, hung)
+            elif on_step is not None and stop_requested() is not None:
+                on_step(0)  # raises StopRequested at this safe point
+            for ref in self._late(pending, deadlines):
+                retry(pending.pop(ref), hung)  # the call is abandoned: its actor is killed and replaced
         return out
+
+    @staticmethod
+    def _late(pending: dict[Any, int], deadlines: dict[int, float]) -> list[Any]:
+        """The pending calls past their actor's deadline that still have no result (one that came
+        in while the driver was busy, e.g. starting a replacement, is not late)."""
+        now = time.monotonic()
+        late = [ref for ref, i in pending.items() if now > deadlines[i]]
+        if not late:
+            return []
+        _, unanswered = ray.wait(late, num_returns=len(late), timeout=0, fetch_local=False)
+        return list(unanswered)
 
 
 def _merge(parts: list[dict[str, Any]], replay: TransitionSink | None) -> RolloutResult:

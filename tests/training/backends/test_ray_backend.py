@@ -1,5 +1,5 @@
 """The Ray backend against a real local Ray instance (2 CPUs, started here): the same run as the
-local backend, a killed worker replaced, a stop and resume, a flat object store, bad input."""
+local backend, a killed or hung worker replaced, a stop and resume, a flat object store, bad input."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from training.trainer import Trainer
 
 ray = pytest.importorskip("ray")
 from config import BackendConfig  # noqa: E402
-from training.backends.ray_backend import ClusterLost, shares, worker_count  # noqa: E402  (needs Ray)
+from training.backends.ray_backend import ClusterLost, RolloutWorker, shares, worker_count  # noqa: E402  (needs Ray)
 
 TinyConfig = Callable[..., Config]
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -68,24 +69,103 @@ def test_ray_run_equals_the_local_run_with_episodes_of_different_lengths(tiny_co
     assert last["ray_workers"] == 2 and last["ray_workers_restarted_total"] == 0
 
 
+def before_evaluating(generation: int, act: Callable[[Trainer], None]) -> Callable[[Trainer], None]:
+    """A ``train`` hook: ``act(trainer)`` in generation ``generation`` (0-based), between its
+    exploration and its evaluation (the workers are idle then)."""
+
+    def hook(trainer: Trainer) -> None:
+        learn = trainer.learn
+
+        def learn_then_act(*args: Any) -> Any:
+            if trainer.counters.generation == generation:
+                act(trainer)
+            return learn(*args)
+
+        trainer.learn = learn_then_act  # type: ignore[method-assign,assignment]
+
+    return hook
+
+
+def kill_worker_1(trainer: Trainer) -> None:
+    os.kill(trainer.backend.pids[1], signal.SIGKILL)  # type: ignore[attr-defined]
+
+
 def test_a_worker_killed_mid_generation_is_replaced_and_the_run_is_unchanged(
     tiny_config: TinyConfig, local_run: Trainer
 ) -> None:
-
-    def kill_a_worker_after_exploring(trainer: Trainer) -> None:
-        learn = trainer.learn
-
-        def learn_then_kill(*args: Any) -> Any:  # between this generation's explore and its evaluate
-            if trainer.counters.generation == 1:
-                os.kill(trainer.backend.pids[1], signal.SIGKILL)  # type: ignore[attr-defined]
-            return learn(*args)
-
-        trainer.learn = learn_then_kill  # type: ignore[method-assign]
-
-    remote = train(tiny_config({**SMALL, **RAY, "run.name": "ray"}), kill_a_worker_after_exploring)
+    remote = train(tiny_config({**SMALL, **RAY, "run.name": "ray"}), before_evaluating(1, kill_worker_1))
     assert_same_run(local_run, remote)  # TD3 on Pendulum, bit for bit
     assert [r["ray_workers_restarted"] for r in metrics(remote.cfg)] == [0, 1]
     assert metrics(remote.cfg)[-1]["ray_workers_restarted_total"] == 1
+
+
+def hanging_worker() -> type[RolloutWorker]:
+    """A rollout worker that is alive but never answers a phase (a deadlocked env, a stuck
+    simulator). Made here, so Ray ships it by value (the test module is not importable in workers)."""
+
+    class HangingWorker(RolloutWorker):
+        def play(self, *args: Any) -> dict[str, Any]:
+            time.sleep(3600)
+            raise AssertionError("unreachable")
+
+    return HangingWorker
+
+
+def hang_worker_1(trainer: Trainer, every_replacement_too: bool = False) -> None:
+    """Worker 1 is restarted as a :func:`hanging_worker` (not counted as a restart) and the call
+    timeout shortened to ``HANG_TIMEOUT_S``; its replacements play normally unless ``every_replacement_too``."""
+    backend: Any = trainer.backend
+    ray.kill(backend.workers[1])
+    normal, backend.remote = backend.remote, ray.remote(num_cpus=1)(hanging_worker())
+    try:
+        backend._start(1)
+    finally:
+        if not every_replacement_too:
+            backend.remote = normal
+    backend.call_timeout_s = HANG_TIMEOUT_S
+
+
+HANG_TIMEOUT_S = 3.0
+
+
+def test_a_hung_worker_is_killed_and_replaced_within_the_timeout_and_the_run_is_unchanged(
+    tiny_config: TinyConfig, local_run: Trainer
+) -> None:
+    timings: list[float] = []
+
+    def timed_gather(trainer: Trainer) -> None:
+        gather = trainer.backend._gather  # type: ignore[attr-defined]
+
+        def gather_and_time(*args: Any) -> Any:
+            started = time.monotonic()
+            try:
+                return gather(*args)
+            finally:
+                timings.append(time.monotonic() - started)
+
+        trainer.backend._gather = gather_and_time  # type: ignore[attr-defined]
+
+    def hook(trainer: Trainer) -> None:
+        timed_gather(trainer)
+        before_evaluating(1, hang_worker_1)(trainer)
+
+    remote = train(tiny_config({**SMALL, **RAY, "run.name": "hung"}), hook)
+    assert_same_run(local_run, remote)  # TD3 on Pendulum, bit for bit
+    assert [r["ray_workers_restarted"] for r in metrics(remote.cfg)] == [0, 1]
+    assert metrics(remote.cfg)[-1]["ray_workers_restarted_total"] == 1
+    hung = max(timings)  # generation 2's evaluation: the timeout, the replacement's start, its rerun
+    assert HANG_TIMEOUT_S < hung < HANG_TIMEOUT_S + 60 and timings.index(hung) == len(timings) - 2, timings
+
+
+def test_a_worker_that_hangs_three_times_in_a_row_stops_the_run_in_one_line(tiny_config: TinyConfig) -> None:
+    cfg = tiny_config({**SMALL, **RAY, "run.name": "always-hung"})
+    hook = before_evaluating(1, lambda trainer: hang_worker_1(trainer, every_replacement_too=True))
+    with pytest.raises(ClusterLost, match=r"rollout worker 1 failed three times in a row \(last: it hung") as caught:
+        train(cfg, hook)
+    message = str(caught.value)
+    assert "\n" not in message and "within 3s (backend.call_timeout_s)" in message, message
+    assert message.endswith("(continue: python main.py --resume)"), message
+    assert [r["generation"] for r in metrics(cfg)] == [0]  # generation 1 is the recovery point
 
 
 def test_a_stop_while_the_workers_play_resumes_to_the_same_run(tiny_config: TinyConfig, local_run: Trainer) -> None:
@@ -134,7 +214,7 @@ def test_a_lost_worker_without_room_for_a_replacement_stops_in_one_line_and_resu
 
     def lose_a_node_in_generation_2(trainer: Trainer) -> None:
         learn = trainer.learn
-        trainer.backend.start_timeout_s = 2.0  # type: ignore[attr-defined]  (the first start may be slow)
+        trainer.backend.start_timeout_s = 2.0  # type: ignore[attr-defined]  # after the first start, which may be slow
 
         def learn_then_lose(*args: Any) -> Any:  # the worker dies and its CPU is gone
             if trainer.counters.generation == 1:
@@ -143,7 +223,7 @@ def test_a_lost_worker_without_room_for_a_replacement_stops_in_one_line_and_resu
                 ray.get(hogs[0].ready.remote(), timeout=60)
             return learn(*args)
 
-        trainer.learn = learn_then_lose  # type: ignore[method-assign]
+        trainer.learn = learn_then_lose  # type: ignore[method-assign,assignment]
 
     try:
         with pytest.raises(ClusterLost, match=r"did not start within 2s") as caught:
@@ -202,6 +282,7 @@ def test_without_ray_installed_the_ray_backend_is_one_line(tmp_path: Path) -> No
         ("backend.kind=spark", "backend.kind must be local or ray"),
         ("backend.address=nowhere", "backend.address must be auto or HOST:PORT"),
         ("backend.workers=9", "backend.workers (9) is more than the population (4)"),
+        ("backend.call_timeout_s=0", "backend.call_timeout_s must be a finite number of seconds > 0, got 0"),
     ],
 )
 def test_bad_backend_settings_are_one_line(tiny_config: TinyConfig, setting: str, message: str) -> None:
