@@ -241,7 +241,7 @@ class DiscretePolicy:
         return out[0] if single else out
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
-        """``obs`` ``obs_shape`` -> an int64 action (a 0-d array); ``(N, *obs_shape)`` -> ``(N,)`` int64."""
+        """``obs`` ``obs_shape`` -> one action (``np.int64``); ``(N, *obs_shape)`` -> ``(N,)`` int64."""
         x, single = self._batch(obs)
         with torch.inference_mode():
             actions = self._logits(x).argmax(-1).numpy() + self.net.first_action
