@@ -83,6 +83,9 @@ class Counters:
     elapsed_s: float = 0.0
     best_fitness: list[float] = field(default_factory=list)
     """Best fitness per finished generation."""
+    workers_restarted: int = 0
+    """Rollout workers replaced (Ray backend: died or hung) over the run, resumes included
+    (checkpoints from before this counter restore it as 0)."""
 
 
 class Trainer:
@@ -215,7 +218,7 @@ class Trainer:
         self.counters.generation = generation + 1
         self.counters.elapsed_s += elapsed
         self.counters.best_fitness.append(float(fitness[elite]))
-        memory = self.measure_memory(generation, stats) | self.backend.figures()  # Ray: workers, object store
+        memory = self.measure_memory(generation, stats) | self._backend_figures()  # Ray: workers, object store
         warnings = self.sentinel.observe(generation, memory, elapsed)
         env_steps = self.counters.env_steps - done_before[0]
         updates = self.counters.updates - done_before[1]
@@ -230,6 +233,15 @@ class Trainer:
         for warning in warnings:
             print(warning.message(), flush=True)
         return record, warnings
+
+    def _backend_figures(self) -> dict[str, float]:
+        """The backend's figures for the record; the workers it replaced this generation are added
+        to the run's checkpointed total (``ray_workers_restarted_total``, which a resume continues)."""
+        figures = self.backend.figures()
+        if "ray_workers_restarted" in figures:
+            self.counters.workers_restarted += int(figures["ray_workers_restarted"])
+            figures["ray_workers_restarted_total"] = float(self.counters.workers_restarted)
+        return figures
 
     def explore(self, generation: int, bar: ProgressBar) -> None:
         """``steps_per_generation`` rows of noisy actions in every stream -> replay. Until the replay

@@ -224,6 +224,24 @@ def test_a_run_written_before_a_config_section_existed_resumes(
     assert resume(cfg, extra={"train.generations": 2}).counters.generation == 2
 
 
+def test_a_checkpoint_from_before_the_restart_total_resumes_with_none(
+    tiny_config: TinyConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tiny_config({"train.generations": 1})
+    full = Trainer.state
+
+    def without_the_total(self: Trainer) -> ckpt.Checkpoint:  # a state.json of a version before the counter
+        state = full(self)
+        state.meta["counters"] = {k: v for k, v in state.meta["counters"].items() if k != "workers_restarted"}
+        return state
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "state", without_the_total)
+        train(cfg)
+    resumed = resume(cfg, extra={"train.generations": 2})
+    assert resumed.counters.generation == 2 and resumed.counters.workers_restarted == 0
+
+
 def test_resume_without_a_checkpoint_is_refused(tiny_config: TinyConfig, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="nothing to resume"):
         runs.resume(str(tmp_path / "empty"), "", {})

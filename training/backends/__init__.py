@@ -44,7 +44,9 @@ class RolloutBackend(Protocol):
         ...
 
     def figures(self) -> dict[str, float]:
-        """The backend's figures for the generation's record (none for the local backend)."""
+        """The backend's figures for the generation's record (none for the local backend). With
+        ``ray_workers_restarted`` (workers replaced since the last call) the trainer adds those to
+        the run's checkpointed total."""
         ...
 
     def close(self) -> None: ...

@@ -249,12 +249,12 @@ class RayBackend:
         return result
 
     def figures(self) -> dict[str, float]:
-        """Workers, restarts (this generation and since start) and the object store's bytes in use."""
+        """Workers, restarts since the last call (the trainer keeps the run's total, checkpointed)
+        and the object store's bytes in use."""
         fresh, self.restarted_reported = self.restarted - self.restarted_reported, self.restarted
         return {
             "ray_workers": float(len(self.workers)),
             "ray_workers_restarted": float(fresh),
-            "ray_workers_restarted_total": float(self.restarted),
             "ray_object_store_mb": object_store_bytes() / 2**20,
         }
 

@@ -1,5 +1,6 @@
 """The Ray backend against a real local Ray instance (2 CPUs, started here): the same run as the
-local backend, a killed or hung worker replaced, a stop and resume, a flat object store, bad input."""
+local backend, a killed or hung worker replaced, the restart total across a resume, a stop and
+resume, a flat object store, bad input."""
 
 from __future__ import annotations
 
@@ -166,6 +167,22 @@ def test_a_worker_that_hangs_three_times_in_a_row_stops_the_run_in_one_line(tiny
     assert "\n" not in message and "within 3s (backend.call_timeout_s)" in message, message
     assert message.endswith("(continue: python main.py --resume)"), message
     assert [r["generation"] for r in metrics(cfg)] == [0]  # generation 1 is the recovery point
+
+
+def test_the_restart_total_is_checkpointed_and_a_resume_continues_it(
+    tiny_config: TinyConfig, local_run: Trainer
+) -> None:
+    cfg = tiny_config({**SMALL, **RAY, "train.generations": 1, "run.name": "restarted"})
+    train(cfg, before_evaluating(0, kill_worker_1))
+    resumed = runs.resume(cfg.run.run_dir, cfg.run.name, {"extra": {"train.generations": 2}})
+    try:
+        assert resumed.counters.workers_restarted == 1
+        resumed.train()
+    finally:
+        resumed.close()
+    assert [r["ray_workers_restarted"] for r in metrics(cfg)] == [1, 0]
+    assert [r["ray_workers_restarted_total"] for r in metrics(cfg)] == [1, 1]  # not 0 after the resume
+    assert_same_run(local_run, resumed)
 
 
 def test_a_stop_while_the_workers_play_resumes_to_the_same_run(tiny_config: TinyConfig, local_run: Trainer) -> None:
