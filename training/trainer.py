@@ -601,7 +601,7 @@ class Trainer:
         meta = {
             "config_hash": self.cfg.hash(),
             "config": self.cfg.to_dict(),
-            "counters": vars(self.counters),
+            "counters": dict(vars(self.counters)),  # a copy: the checkpoint never aliases the live counters
             "agent": self.agent.extra_state(),
             "evolution": self.evolution.state(),
             "replay": replay_meta,
