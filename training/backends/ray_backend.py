@@ -272,7 +272,8 @@ class RayBackend:
 
     def _start(self, *indices: int) -> None:
         """Start the actors ``indices`` together and wait until each answers (ClusterLost when one
-        has not within ``start_timeout_s``: no free CPU for it, or the cluster is gone)."""
+        has not within ``start_timeout_s``: no free CPU for it, its envs' construction hangs, or the
+        cluster is gone)."""
         started: dict[int, Any] = {i: self.remote.remote(self.cfg, self.shares[i].tolist()) for i in indices}
         pids = {i: worker.pid.remote() for i, worker in started.items()}
         deadline = time.monotonic() + self.start_timeout_s
@@ -287,7 +288,7 @@ class RayBackend:
                     raise ClusterLost(f"rollout worker {i} failed to start: {_cause(err)}") from None
                 raise ClusterLost(
                     f"rollout worker {i} did not start within {self.start_timeout_s:g}s "
-                    "(backend.start_timeout_s): the Ray cluster has no free CPU for it"
+                    "(backend.start_timeout_s): the Ray cluster has no free CPU for it, or building its envs hangs"
                 ) from None
             self.workers[i] = worker
 
