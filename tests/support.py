@@ -15,6 +15,24 @@ from config import Config
 from training import runs
 from training.trainer import Trainer
 
+TINY_PONG: dict[str, Any] = {
+    "env.id": "ALE/Pong-v5",
+    "env.max_episode_steps": 60,  # evaluation episodes are cut, so a generation stays short
+    "population": 2,
+    "agent.cnn_channels": [4, 8, 8],
+    "agent.cnn_features": 16,
+    "agent.hidden_sizes": [16],
+    "agent.batch_size": 8,
+    "replay.capacity": 200,  # 100 rows of 2 streams: full after generation 1 (40 + 60 rows), wraps in 2
+    "train.steps_per_generation": 40,
+    "train.updates_per_generation": 3,
+    "train.accumulation_steps": 2,
+    "train.warmup_steps": 80,
+    "run.replay_shard_mb": 0.5,
+}
+"""Overrides of the debug preset for a run on Atari Pong of seconds a generation: two CNN members
+(discrete SAC) on (4, 84, 84) uint8 frame stacks; tests needing ale_py skip without it."""
+
 
 def live_tensors() -> list[torch.Tensor]:
     """Every torch tensor the garbage collector can reach, after a full collection."""

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from support import tensors_with_graph
+from support import TINY_PONG, tensors_with_graph
 from test_trainer import assert_same_run, metrics, resume, train
 
 from agents.sac_discrete import DiscreteSACPopulation
@@ -24,22 +24,12 @@ pytest.importorskip("ale_py")
 
 TinyConfig = Callable[..., Config]
 
-TINY_CNN = {"agent.cnn_channels": [4, 8, 8], "agent.cnn_features": 16, "agent.hidden_sizes": [16]}
+TINY_CNN = {k: TINY_PONG[k] for k in ("agent.cnn_channels", "agent.cnn_features", "agent.hidden_sizes")}
 PONG: dict[str, Any] = {
-    "env.id": "ALE/Pong-v5",
-    "env.max_episode_steps": 60,  # evaluation episodes are cut, so a generation stays short
-    "population": 2,
-    **TINY_CNN,
-    "agent.batch_size": 8,
-    "replay.capacity": 200,  # 100 rows of 2 streams: full after generation 1 (40 + 60 rows), wraps in 2
-    "train.steps_per_generation": 40,
-    "train.updates_per_generation": 3,
-    "train.accumulation_steps": 2,
-    "train.warmup_steps": 80,
+    **TINY_PONG,
     "evolution.elites": 1,
     "evolution.replace_fraction": 0.5,
     "evolution.crossover_prob": 0.5,
-    "run.replay_shard_mb": 0.5,
 }
 
 

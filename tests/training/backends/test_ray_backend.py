@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from support import assert_members_equal, metrics, train
+from support import TINY_PONG, assert_members_equal, metrics, train
 
 from config import Config, UserError, build_config
 from training import runs
@@ -316,3 +316,14 @@ def test_workers_hold_whole_contiguous_members() -> None:
     assert [m.tolist() for m in shares(sized, members=5, envs_per_member=2, workers=3)] == [[0, 1], [2, 3], [4]]
     assert worker_count(BackendConfig(), streams=10, envs_per_member=2, resources={"CPU": 2}) == 2  # one per CPU
     assert worker_count(BackendConfig(), streams=3, envs_per_member=1, resources={"CPU": 8}) == 3  # one per member
+
+
+def test_a_pong_run_over_ray_equals_the_local_run(tiny_config: TinyConfig) -> None:
+    """CNN members on uint8 frame stacks: the actors build the Atari wrappers, send frames back as
+    numpy, and the driver's frame replay fills exactly as the local backend fills it."""
+    pytest.importorskip("ale_py")
+    extra = {**TINY_PONG, "train.generations": 2}
+    local = train(tiny_config({**extra, "run.name": "local"}))
+    remote = train(tiny_config({**extra, **RAY, "run.name": "ray"}))
+    assert_same_run(local, remote)
+    assert metrics(remote.cfg)[-1]["ray_workers_restarted_total"] == 0

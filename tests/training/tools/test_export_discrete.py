@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from support import TINY_PONG
 
 from agents import DiscretePolicy, load_policy
 from agents.sac_discrete import DiscreteSACPopulation
@@ -26,19 +27,12 @@ from training.tools import evaluate as ev
 from training.tools.loading import MemberActor, choose_member, open_generation, storages
 
 PONG: dict[str, Any] = {
-    "env.id": "ALE/Pong-v5",
+    **TINY_PONG,
     "env.max_episode_steps": 30,  # evaluation episodes are cut, so the run takes seconds
-    "population": 2,
-    "agent.cnn_channels": [4, 8, 8],
-    "agent.cnn_features": 16,
-    "agent.hidden_sizes": [16],
-    "agent.batch_size": 8,
-    "replay.capacity": 200,
     "train.steps_per_generation": 20,
     "train.updates_per_generation": 2,
     "train.accumulation_steps": 1,
     "train.warmup_steps": 20,
-    "run.replay_shard_mb": 0.5,
 }
 
 
