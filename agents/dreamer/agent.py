@@ -12,8 +12,8 @@ from torch import Tensor, nn
 
 from agents.base import device_dtype
 from agents.dreamer.behavior import ActorCritic
-from agents.dreamer.networks import ActionSpec
-from agents.dreamer.rssm import State
+from agents.dreamer.networks import ActionSpec, Actor, Encoder
+from agents.dreamer.rssm import RSSM, State
 from agents.dreamer.sizes import SIZES
 from agents.dreamer.world_model import WorldModel
 from config import DreamerConfig, UserError
@@ -22,6 +22,41 @@ Policy = Callable[[Tensor], Tensor]
 """``obs (B, obs_dim) -> action (B, act_dim)`` in ``[-1, 1]``, e.g. a TD3 member's actor."""
 SEQ_FIELDS = ("obs", "action", "reward", "next_obs", "terminated", "is_first")
 STATE_VERSION = 1
+
+
+ActingNets = tuple[Encoder, RSSM, Actor]
+"""What a Dreamer member acts with: its world model's encoder and RSSM, and its actor head."""
+
+
+@torch.no_grad()
+def filter_act(
+    nets: ActingNets,
+    obs: Tensor,
+    is_first: Tensor,
+    state: State | None,
+    prev: Tensor | None,
+    gen: torch.Generator | None,
+    explore: bool,
+) -> tuple[State, Tensor]:
+    """One acting step of the member's filter: ``obs (N, *obs_shape)`` (on the nets' device),
+    ``is_first (N,)`` bool, the previous step's ``state`` (``deter (N, D)``, ``stoch (N, G, K)``) and
+    action ``prev (N, act_dim)`` -> (the new state, detached; actions ``(N, act_dim)``: in ``[-1, 1]``
+    for ``box``, one-hot rows for ``discrete``). Without a previous state (or when ``N`` changes)
+    every stream starts from ``obs`` alone; otherwise streams where ``is_first`` do. Draws from
+    ``gen``: the posterior of a fresh start for all ``N`` streams, then (with a previous state) the
+    filter step's posterior, then (``explore``) the action; noise-free actions are the actor's mode."""
+    encoder, rssm, actor = nets
+    embed = encoder(obs)
+    start = rssm.start(embed, gen)
+    if state is None or prev is None or prev.shape[0] != obs.shape[0]:
+        state = start
+    else:
+        cont, _, _ = rssm.obs_step(state, prev, embed, gen)
+        first = is_first.to(obs.device, torch.bool)
+        state = {k: torch.where(first.view(-1, *[1] * (v.dim() - 1)), start[k], cont[k]) for k, v in cont.items()}
+    feat = rssm.feat(state)
+    action = actor.sample(feat, gen)[1] if explore else actor.mode(feat).clamp(-1, 1)
+    return {k: v.detach() for k, v in state.items()}, action.detach()
 
 
 class DreamerAgent:
@@ -105,22 +140,12 @@ class DreamerAgent:
     def act(self, obs: Tensor, is_first: Tensor, explore: bool) -> Tensor:
         """``obs (N, obs_dim)``, ``is_first (N,)`` bool -> actions ``(N, act_dim)`` in ``[-1, 1]``.
         Keeps a detached filter state per env; where ``is_first`` (or on the first call, or when ``N``
-        changes) an env's state restarts from ``obs`` alone."""
+        changes) an env's state restarts from ``obs`` alone (:func:`filter_act`)."""
         obs = obs.to(self.device, device_dtype(obs))
-        embed = self.wm.encoder(obs)
-        start = self.wm.rssm.start(embed, self.gen)
         state, prev = self._act_state, self._act_prev
-        if state is None or prev is None or prev.shape[0] != obs.shape[0]:
-            state = start
-        else:
-            cont, _, _ = self.wm.rssm.obs_step(state, prev, embed, self.gen)
-            first = is_first.to(self.device, torch.bool)
-            state = {k: torch.where(first.view(-1, *[1] * (v.dim() - 1)), start[k], cont[k]) for k, v in cont.items()}
-        feat = self.wm.rssm.feat(state)
-        action = self.ac.actor.sample(feat, self.gen)[1] if explore else self.ac.actor.mode(feat).clamp(-1, 1)
-        self._act_state = {k: v.detach() for k, v in state.items()}
-        self._act_prev = action.detach()
-        return action.detach()
+        nets = (self.wm.encoder, self.wm.rssm, self.ac.actor)
+        self._act_state, self._act_prev = filter_act(nets, obs, is_first, state, prev, self.gen, explore)
+        return self._act_prev
 
     # ------------------------------------------------------------------ imagination for others
 

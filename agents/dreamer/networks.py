@@ -267,7 +267,10 @@ class CategoricalActor(nn.Module):
         return (raw * log_probs).sum(-1), -(log_probs.exp() * log_probs).sum(-1)
 
 
-def make_actor(action: ActionSpec, feat: int, units: int, layers: int) -> BoundedGaussianActor | CategoricalActor:
+Actor = BoundedGaussianActor | CategoricalActor
+
+
+def make_actor(action: ActionSpec, feat: int, units: int, layers: int) -> Actor:
     """The policy head for ``action``: a bounded Gaussian for ``box``, a categorical over one-hot
     actions for ``discrete``; both with the same ``sample``/``mode``/``log_prob_entropy``."""
     if action.kind == "box":
