@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from agents.base import Batch, PopulationAgent
+from agents.dreamer_policy import DreamerPolicy
 from agents.policy import DiscretePolicy, Policy, load_policy
 from agents.sac_discrete import DiscreteSACPopulation
 from agents.td3 import TD3Population
@@ -64,6 +65,7 @@ __all__ = [
     "AUTO",
     "Batch",
     "DiscretePolicy",
+    "DreamerPolicy",
     "Policy",
     "PopulationAgent",
     "algorithm_class",

@@ -13,6 +13,10 @@ DIR/policy.safetensors   encoder.conv.<i>.weight (out, in, k, k), encoder.conv.<
                          encoder.linear.weight (in, out), encoder.linear.bias (out,)  [frames only]
                          layers.<i>.weight (in, out), layers.<i>.bias (out,), float32
 DIR/policy.json          the same, with architecture.input / .encoder / .head / .output
+
+evorl-policy/3 (the Dreamer member: encoder, RSSM filter, actor; stateful, see agents.dreamer_policy)
+DIR/policy.safetensors   encoder.*, rssm.*, actor.* (float32), generator_state (uint8)
+DIR/policy.json          the same, with architecture.input / .encoder / .rssm / .actor / .output
 ```
 
 Loading reads JSON and safetensors only (no pickle): it never executes code from the files. The
@@ -24,6 +28,7 @@ loaded policy needs no trainer, replay or cloud client::
     actions = policy(batch)         # (N, obs_dim) -> (N, act_dim)
     action = policy(frames)         # discrete: (stack, H, W) uint8 or (obs_dim,) -> int64 scalar
     actions = policy(batch)         # (N, stack, H, W) or (N, obs_dim) -> (N,) int64
+    policy.reset(n=N)               # Dreamer: start N episodes, then policy(obs (N, ...), is_first)
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -43,10 +48,16 @@ from torch import Tensor
 from agents.batched import BatchedMLP
 from agents.cnn import KERNELS, STRIDES, BatchedCNN, conv_output_size
 
+if TYPE_CHECKING:
+    from agents.dreamer_policy import DreamerPolicy
+
 FORMAT = "evorl-policy/1"
 """TD3 exports (:class:`Policy`); still written for them, so older loaders read them too."""
 FORMAT_V2 = "evorl-policy/2"
 """Discrete-SAC exports (:class:`DiscretePolicy`)."""
+FORMAT_V3 = "evorl-policy/3"
+"""Dreamer-member exports (:class:`agents.dreamer_policy.DreamerPolicy`)."""
+FORMATS = (FORMAT, FORMAT_V2, FORMAT_V3)
 WEIGHTS, INFO = "policy.safetensors", "policy.json"
 
 
@@ -254,16 +265,20 @@ class DiscretePolicy:
         return out
 
     def _batch(self, obs: np.ndarray) -> tuple[Tensor, bool]:
-        """``obs`` as ``(N, *obs_shape)`` (uint8 frames, float32 vectors) and whether it was one
-        observation; ValueError (one line) for another shape, or frames that are not uint8."""
-        shape, frames = self.net.obs_shape, bool(self.net.channels)
-        x = np.asarray(obs) if frames else np.asarray(obs, np.float32)
-        fits = x.ndim in (len(shape), len(shape) + 1) and x.shape[x.ndim - len(shape) :] == shape
-        if not fits or (frames and x.dtype != np.uint8):
-            what = "uint8 frame stacks" if frames else "observations"
-            many = ", ".join(["N", *map(str, shape)])
-            raise ValueError(f"expected {what} of shape {shape} or ({many}), got {x.shape} {x.dtype}")
-        return torch.as_tensor(x.reshape(-1, *shape)), x.ndim == len(shape)
+        return observation_batch(obs, self.net.obs_shape, bool(self.net.channels))
+
+
+def observation_batch(obs: np.ndarray, shape: tuple[int, ...], frames: bool) -> tuple[Tensor, bool]:
+    """``obs`` (one observation of ``shape`` or ``(N, *shape)``) as a ``(N, *shape)`` tensor (uint8
+    ``frames``, else float32 vectors) and whether it was one observation; ValueError (one line) for
+    another shape, or frames that are not uint8."""
+    x = np.asarray(obs) if frames else np.asarray(obs, np.float32)
+    fits = x.ndim in (len(shape), len(shape) + 1) and x.shape[x.ndim - len(shape) :] == shape
+    if not fits or (frames and x.dtype != np.uint8):
+        what = "uint8 frame stacks" if frames else "observations"
+        many = ", ".join(["N", *map(str, shape)])
+        raise ValueError(f"expected {what} of shape {shape} or ({many}), got {x.shape} {x.dtype}")
+    return torch.as_tensor(x.reshape(-1, *shape)), x.ndim == len(shape)
 
 
 def save_policy(folder: Path, layers: list[tuple[Tensor, Tensor]], info: dict[str, Any]) -> list[Path]:
@@ -288,10 +303,11 @@ def save_discrete_policy(
 
 
 def _write(folder: Path, tensors: dict[str, Tensor], info: dict[str, Any], fmt: str) -> list[Path]:
-    """``tensors`` (as float32) and the JSON of ``info`` in format ``fmt``, atomically each."""
+    """``tensors`` (floating ones as float32, others as they are) and the JSON of ``info`` in format
+    ``fmt``, atomically each."""
     from safetensors.torch import save
 
-    tensors = {name: t.detach().cpu().float().contiguous() for name, t in tensors.items()}
+    tensors = {name: _stored(t) for name, t in tensors.items()}
     blob = save(tensors, metadata={"format": fmt})
     described = {
         "format": fmt,
@@ -311,9 +327,16 @@ def _write(folder: Path, tensors: dict[str, Tensor], info: dict[str, Any], fmt: 
     return paths
 
 
-def load_policy(folder: str | Path) -> Policy | DiscretePolicy:
+def _stored(tensor: Tensor) -> Tensor:
+    """``tensor`` as written: on the cpu, contiguous, float32 when floating (a generator state stays uint8)."""
+    tensor = tensor.detach().cpu()
+    return (tensor.float() if tensor.is_floating_point() else tensor).contiguous()
+
+
+def load_policy(folder: str | Path) -> Policy | DiscretePolicy | DreamerPolicy:
     """The policy exported into ``folder`` (``python main.py export RUN --out DIR``): a :class:`Policy`
-    for :data:`FORMAT`, a :class:`DiscretePolicy` for :data:`FORMAT_V2`. Reads only JSON and
+    for :data:`FORMAT`, a :class:`DiscretePolicy` for :data:`FORMAT_V2`, a stateful
+    :class:`agents.dreamer_policy.DreamerPolicy` for :data:`FORMAT_V3`. Reads only JSON and
     safetensors; checks the format, the weights' sha256 and every tensor's shape.
     Raises :class:`PolicyFileError` (one line) for a missing, damaged or foreign folder."""
     from safetensors import SafetensorError
@@ -327,8 +350,8 @@ def load_policy(folder: str | Path) -> Policy | DiscretePolicy:
         raise PolicyFileError(f"no exported policy in {folder}: {err.strerror or err}") from None
     except ValueError:
         raise PolicyFileError(f"{folder / INFO} is not valid JSON") from None
-    if not isinstance(info, dict) or info.get("format") not in (FORMAT, FORMAT_V2):
-        raise PolicyFileError(f"{folder / INFO} is not an {FORMAT} description nor an {FORMAT_V2} one")
+    if not isinstance(info, dict) or info.get("format") not in FORMATS:
+        raise PolicyFileError(f"{folder / INFO} is not an {FORMAT} description nor an {FORMAT_V2} or {FORMAT_V3} one")
     if hashlib.sha256(blob).hexdigest() != info.get("weights_sha256"):
         raise PolicyFileError(f"{folder / WEIGHTS} does not match the sha256 in {INFO} (damaged or replaced)")
     try:
@@ -337,6 +360,10 @@ def load_policy(folder: str | Path) -> Policy | DiscretePolicy:
         raise PolicyFileError(f"{folder / WEIGHTS} cannot be decoded: {err}") from None
     if info["format"] == FORMAT_V2:
         return _discrete(tensors, info, folder)
+    if info["format"] == FORMAT_V3:
+        from agents.dreamer_policy import load_dreamer
+
+        return load_dreamer(tensors, info, folder)
     return Policy(_layers(tensors, info, folder), *_box(info, folder), info)
 
 
