@@ -12,11 +12,10 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-import torch
 
 from config import Config, UserError
 from training.envs import DEFAULT_EPISODE_LIMIT, EnvPool, check_spaces, episode_limit, make_env
-from training.tools.loading import Generation, Member, MemberActor, make_pool, population_agent
+from training.tools.loading import Generation, Member, MemberActor, dreamer_member, make_pool, population_agent
 
 Actor = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """``(obs (N, obs_dim) float32, is_first (N,) bool) -> actions (N, act_dim)`` as the env pool takes them."""
@@ -69,15 +68,7 @@ def actor(gen: Generation, member: Member, pool: EnvPool) -> tuple[Actor, Callab
     (the Dreamer member forgets its filter state)."""
     if member.slot is not None:
         return MemberActor(population_agent(gen, pool), member.slot, gen.cfg.env.envs_per_member), lambda: None
-    from training.dreamer_member import DreamerMember
-
-    cfg = gen.cfg
-    dreamer = DreamerMember(cfg, pool.obs_shape, pool.act_dim, torch.device("cpu"), cfg.run.seed + 3)
-    dreamer.pool.close()  # it acts in the evaluation's environments
-    try:
-        dreamer.load_state(gen.checkpoint.tensors, gen.checkpoint.meta["dreamer"])
-    except (ValueError, KeyError) as err:
-        raise UserError(f"{gen.label}: the Dreamer member cannot be restored ({err})") from None
+    dreamer = dreamer_member(gen, pool)
     return (lambda obs, is_first: dreamer.act_streams(obs, is_first, False)), dreamer.agent.reset_state
 
 

@@ -1,5 +1,6 @@
-"""Export one population member's actor from a checkpointed generation (``agents.policy`` formats):
-TD3 members as ``evorl-policy/1``, discrete-SAC members (MLP, or CNN encoder + MLP) as ``evorl-policy/2``."""
+"""Export one member's actor from a checkpointed generation (``agents.policy`` formats): TD3 members
+as ``evorl-policy/1``, discrete-SAC members (MLP, or CNN encoder + MLP) as ``evorl-policy/2``, the
+Dreamer member (encoder, RSSM, actor and sampling generator) as ``evorl-policy/3``."""
 
 from __future__ import annotations
 
@@ -11,22 +12,25 @@ import gymnasium as gym
 import numpy as np
 
 from agents.batched import BatchedLinear
+from agents.dreamer.sizes import SIZES
+from agents.dreamer_policy import dreamer_member as dreamer_tensors
+from agents.dreamer_policy import save_dreamer_policy
 from agents.policy import INFO, WEIGHTS, discrete_member, save_discrete_policy, save_policy
 from agents.sac_discrete import DiscreteSACPopulation
 from agents.td3 import TD3Population
 from config import UserError
 from training.envs import make_env, wrappers
-from training.tools.loading import Generation, Member, make_pool, population_agent
+from training.tools.loading import Generation, Member, dreamer_member, make_pool, population_agent
 from training.tools.output import writable_folder
 
 
 def export(gen: Generation, member: Member, out: Path, force: bool = False) -> list[Path]:
     """Write ``policy.safetensors`` + ``policy.json`` for ``member`` into ``out``; refuses to replace
-    an earlier export without ``force``, the Dreamer member and algorithms it has no format for."""
-    if member.slot is None:
-        raise UserError("exporting the Dreamer member is not yet supported; export a population member (--member)")
+    an earlier export without ``force``, and algorithms it has no format for."""
     targets = [out / WEIGHTS, out / INFO]
     writable_folder(out, [t for t in targets if t.exists()], force)
+    if member.slot is None:
+        return export_dreamer(gen, member, out)
     pool = make_pool(gen.cfg, 1)
     try:
         agent = population_agent(gen, pool)
@@ -54,6 +58,26 @@ def export(gen: Generation, member: Member, out: Path, force: bool = False) -> l
         "action_scaling": "low + (tanh_output + 1) / 2 * (high - low), clipped to [low, high]",
     }
     return save_policy(out, layers, info)
+
+
+def export_dreamer(gen: Generation, member: Member, out: Path) -> list[Path]:
+    """The Dreamer member as ``evorl-policy/3``: its encoder, RSSM, actor and generator state, the
+    architecture, and the ``dreamer`` config and size preset the networks were built with."""
+    pool = make_pool(gen.cfg, 1)
+    try:
+        dreamer = dreamer_member(gen, pool)
+    finally:
+        pool.close()
+    net, tensors = dreamer_tensors(dreamer.agent, pool.obs_shape)
+    d = gen.cfg.dreamer
+    info = {
+        **describe(gen, member, "dreamer"),
+        "dreamer": dataclasses.asdict(d),
+        "dreamer_size": {"name": d.size, **dataclasses.asdict(SIZES[d.size])},
+    }
+    if net.action_kind == "box":
+        info["action_scaling"] = "low + (action + 1) / 2 * (high - low), clipped to [low, high]"
+    return save_dreamer_policy(out, net, tensors, info)
 
 
 def describe(gen: Generation, member: Member, algorithm: str) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -16,6 +16,9 @@ from cloud import checkpoint as ckpt
 from cloud.storage import LocalStorage, Storage, open_storage
 from config import Config, UserError, from_dict
 from training.envs import EnvPool, make_env
+
+if TYPE_CHECKING:
+    from training.dreamer_member import DreamerMember
 
 ELITE, DREAMER = "elite", "dreamer"
 
@@ -207,6 +210,22 @@ def population_agent(gen: Generation, pool: EnvPool) -> PopulationAgent:
         raise UserError(f"{gen.label} does not fit its own config: {err}") from None
     agent.eval()
     return agent
+
+
+def dreamer_member(gen: Generation, pool: EnvPool) -> DreamerMember:
+    """The generation's Dreamer member on the cpu for ``pool``'s spaces, every tensor restored (its
+    sampling generator too); it acts in the caller's environments (its own are closed). UserError
+    when the checkpoint's member cannot be restored."""
+    from training.dreamer_member import DreamerMember
+
+    cfg = gen.cfg
+    dreamer = DreamerMember(cfg, pool.obs_shape, pool.act_dim, torch.device("cpu"), cfg.run.seed + 3)
+    dreamer.pool.close()
+    try:
+        dreamer.load_state(gen.checkpoint.tensors, gen.checkpoint.meta["dreamer"])
+    except (ValueError, KeyError) as err:
+        raise UserError(f"{gen.label}: the Dreamer member cannot be restored ({err})") from None
+    return dreamer
 
 
 class MemberActor:

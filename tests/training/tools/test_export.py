@@ -17,8 +17,6 @@ from main import cli
 from tests.test_main import assert_one_line_user_error
 from tests.training.tools.conftest import FinishedRun
 from training.envs import make_env
-from training.tools.export import export
-from training.tools.loading import Member, open_generation, storages
 
 
 def invoke(*args: str) -> Result:
@@ -100,10 +98,9 @@ def test_bad_input_is_one_line(finished: FinishedRun, tmp_path: Path, args: list
     assert not (tmp_path / "out").exists()
 
 
-def test_the_dreamer_member_is_not_exported_yet(finished: FinishedRun, tmp_path: Path) -> None:
-    gen = open_generation(storages(str(finished.run_dir)), finished.name)
-    with pytest.raises(Exception, match="exporting the Dreamer member is not yet supported"):
-        export(gen, Member("dreamer", None, None), tmp_path)
+def test_the_dreamer_member_of_a_run_without_one_is_one_line(finished: FinishedRun, tmp_path: Path) -> None:
+    result = invoke("export", "--run-dir", str(finished.run_dir), "--member", "dreamer", "--out", str(tmp_path))
+    assert_one_line_user_error(result, "has no Dreamer member", "dreamer.enabled=false")
     assert not any(tmp_path.iterdir())
 
 
