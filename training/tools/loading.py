@@ -214,15 +214,26 @@ def population_agent(gen: Generation, pool: EnvPool) -> PopulationAgent:
 
 def dreamer_member(gen: Generation, pool: EnvPool) -> DreamerMember:
     """The generation's Dreamer member on the cpu for ``pool``'s spaces, every tensor restored (its
-    sampling generator too); it acts in the caller's environments (its own are closed). UserError
+    sampling generator too, unless it was a GPU's: then, with a warning, a cpu generator seeded as
+    the member's first was); it acts in the caller's environments (its own are closed). UserError
     when the checkpoint's member cannot be restored."""
-    from training.dreamer_member import DreamerMember
+    from training.dreamer_member import PREFIX, DreamerMember
 
     cfg = gen.cfg
     dreamer = DreamerMember(cfg, pool.obs_shape, pool.act_dim, torch.device("cpu"), cfg.run.seed + 3)
     dreamer.pool.close()
+    tensors, fresh = gen.checkpoint.tensors, dreamer.agent.gen.get_state()
+    saved = tensors.get(f"{PREFIX}rng")
+    if saved is not None and saved.shape != fresh.shape:  # a CUDA generator's state (16 bytes): no cpu draws
+        print(
+            f"warning: {gen.label}: the Dreamer member sampled with a GPU's generator, which the cpu cannot "
+            f"continue; it samples here from a cpu generator seeded with run.seed + 3 = {cfg.run.seed + 3}",
+            file=sys.stderr,
+            flush=True,
+        )
+        tensors = {**tensors, f"{PREFIX}rng": fresh}
     try:
-        dreamer.load_state(gen.checkpoint.tensors, gen.checkpoint.meta["dreamer"])
+        dreamer.load_state(tensors, gen.checkpoint.meta["dreamer"])
     except (ValueError, KeyError) as err:
         raise UserError(f"{gen.label}: the Dreamer member cannot be restored ({err})") from None
     return dreamer

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from safetensors.torch import load, save
 
@@ -22,6 +23,7 @@ from tests.training.tools.conftest import FinishedRun, finish_run
 from training.dreamer_member import DreamerMember
 from training.envs import EnvPool, make_env
 from training.tools import evaluate as ev
+from training.tools.export import export
 from training.tools.loading import choose_member, dreamer_member, make_pool, open_generation, storages
 
 DREAMER: dict[str, Any] = {  # tests/training/test_dreamer_member.py's tiny member: a few updates a generation
@@ -294,3 +296,17 @@ def test_an_exported_pong_dreamer_member_acts_and_plays_as_the_trainers(pong: Fi
     gen = open_generation(storages(str(pong.run_dir)), pong.name)
     returns = ev.evaluate(gen, choose_member(gen, "dreamer"), [0]).returns
     assert play(fresh, EnvConfig(**fresh.info["env"]), [0]) == returns
+
+
+def test_a_member_that_sampled_on_a_gpu_is_exported_with_a_seeded_cpu_generator(
+    pendulum: FinishedRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gen = open_generation(storages(str(pendulum.run_dir)), pendulum.name)
+    gen.checkpoint.tensors["dreamer.rng"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA (Philox) state's size
+    export(gen, choose_member(gen, "dreamer"), tmp_path)
+    assert "sampled with a GPU's generator" in capsys.readouterr().err
+    policy = load_policy(tmp_path)
+    assert isinstance(policy, DreamerPolicy)
+    seeded = torch.Generator().manual_seed(pendulum.cfg.run.seed + 3).get_state()
+    assert torch.equal(policy.generator.get_state(), seeded)
+    assert ev.evaluate(gen, choose_member(gen, "dreamer"), [0]).returns == play(policy, pendulum.cfg.env, [0])
