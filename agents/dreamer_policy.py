@@ -30,7 +30,16 @@ from agents.dreamer.agent import ActingNets, DreamerAgent, filter_act
 from agents.dreamer.networks import ActionSpec, make_actor, make_encoder
 from agents.dreamer.rssm import RSSM, State
 from agents.dreamer.sizes import SIZES
-from agents.policy import FORMAT_V3, INFO, WEIGHTS, PolicyFileError, _write, observation_batch, scale_actions
+from agents.policy import (
+    FORMAT_V3,
+    INFO,
+    WEIGHTS,
+    PolicyFileError,
+    _write,
+    observation_batch,
+    rebuilt_net,
+    scale_actions,
+)
 
 GENERATOR = "generator_state"
 """The tensor holding the sampling generator's state (``torch.Generator().get_state()``, uint8)."""
@@ -279,13 +288,7 @@ def load_dreamer(tensors: dict[str, Tensor], info: dict[str, Any], folder: Path)
     """The :data:`FORMAT_V3` policy: its architecture must be exactly the one this loader writes for
     the network it names, the tensors (and the JSON's list of them) exactly that network's, the
     action space the actor's. PolicyFileError (one line) otherwise."""
-    try:
-        net = DreamerNet.from_architecture(info["architecture"])
-        known = net.architecture() == info["architecture"]
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
-        known = False
-    if not known:
-        raise PolicyFileError(f"{folder / INFO} describes no architecture this loader runs (Dreamer filter, actor)")
+    net: DreamerNet = rebuilt_net(DreamerNet, info, folder, "Dreamer filter, actor")
     found = {name: list(t.shape) for name, t in tensors.items()}
     floats = all(t.dtype == torch.float32 for name, t in tensors.items() if name != GENERATOR)
     if found != net.tensor_shapes() or found != info.get("tensors") or not floats:

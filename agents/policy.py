@@ -383,13 +383,7 @@ def _discrete(tensors: dict[str, Tensor], info: dict[str, Any], folder: Path) ->
     """The :data:`FORMAT_V2` policy: its architecture must be exactly the one this loader writes
     for the network it names (so every kernel, stride, activation and scaling is checked), and the
     tensors exactly that network's."""
-    try:
-        net = DiscreteNet.from_architecture(info["architecture"])
-        known = net.architecture() == info["architecture"]
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
-        known = False
-    if not known:
-        raise PolicyFileError(f"{folder / INFO} describes no architecture this loader runs (CNN + MLP, argmax)")
+    net = rebuilt_net(DiscreteNet, info, folder, "CNN + MLP, argmax")
     found = {name: list(t.shape) for name, t in tensors.items()}
     if found != net.tensor_shapes():
         raise PolicyFileError(f"{folder / WEIGHTS} does not hold the network that {INFO} describes")
@@ -416,3 +410,16 @@ def _finite_json(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite_json(v) for v in value]
     return value
+
+
+def rebuilt_net(kind: Any, info: dict[str, Any], folder: Path, what: str) -> Any:
+    """``kind.from_architecture(info["architecture"])``, if it writes back exactly that architecture;
+    PolicyFileError (one line, naming ``what`` the loader runs) for anything else."""
+    try:
+        net = kind.from_architecture(info["architecture"])
+        known = net.architecture() == info["architecture"]
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+        known = False
+    if not known:
+        raise PolicyFileError(f"{folder / INFO} describes no architecture this loader runs ({what})")
+    return net
